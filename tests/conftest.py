@@ -1,0 +1,35 @@
+"""Shared fixtures: small random inputs for the op in the layout of its contract."""
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest
+import torch
+
+from ddetr_minimal.msda import level_start_index_from_shapes
+
+
+def make_op_inputs(shapes, N=2, Lq=5, M=2, D=3, P=2, dtype=torch.float64, lo=-0.2, hi=1.2,
+                   seed=0, requires_grad=False):
+    """Random (value, spatial_shapes, level_start_index, locations, weights) for the op."""
+    g = torch.Generator().manual_seed(seed)
+    spatial_shapes = torch.as_tensor(shapes, dtype=torch.int64)  # (L, 2)
+    lsi = level_start_index_from_shapes(spatial_shapes)  # (L,)
+    L = spatial_shapes.shape[0]
+    S = int(spatial_shapes.prod(1).sum())
+    value = torch.randn(N, S, M, D, generator=g, dtype=dtype)  # (N, S, M, D)
+    loc = lo + (hi - lo) * torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=dtype)  # (N, Lq, M, L, P, 2)
+    aw = torch.rand(N, Lq, M, L * P, generator=g, dtype=dtype).softmax(-1).view(N, Lq, M, L, P)
+    if requires_grad:
+        for t in (value, loc, aw):
+            t.requires_grad_(True)
+    return value, spatial_shapes, lsi, loc, aw
+
+
+@pytest.fixture
+def op_inputs():
+    return make_op_inputs
+
+
+def pytest_configure(config):
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,0 +1,128 @@
+"""The op: the loop and torch backends agree on outputs and gradients, and match the paper's math."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ddetr_minimal import ms_deform_attn
+from ddetr_minimal.msda import bilinear_sample, level_start_index_from_shapes
+from conftest import make_op_inputs
+
+BACKENDS = ("loop", "torch")
+
+
+def _op(backend, shapes, lsi):
+    return lambda v, loc, aw: ms_deform_attn(v, shapes, lsi, loc, aw, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "shapes,N,Lq,M,D,P",
+    [
+        ([(3, 4)], 1, 3, 1, 2, 1),  # one level, one point
+        ([(4, 5), (2, 3), (1, 1)], 2, 4, 2, 3, 2),  # three levels with a 1x1 map
+        ([(1, 1)], 1, 2, 2, 1, 3),  # a single 1x1 map
+        ([(2, 7), (5, 2)], 2, 3, 3, 2, 2),  # non-square maps
+    ],
+)
+def test_gradcheck_float64(backend, shapes, N, Lq, M, D, P):
+    v, ss, lsi, loc, aw = make_op_inputs(shapes, N, Lq, M, D, P, requires_grad=True, seed=N + Lq)
+    assert torch.autograd.gradcheck(_op(backend, ss, lsi), (v, loc, aw), eps=1e-6, atol=1e-5)
+
+
+def test_output_shape_and_contract_layout():
+    v, ss, lsi, loc, aw = make_op_inputs([(4, 5), (2, 3)], N=2, Lq=7, M=4, D=3, P=2)
+    out = ms_deform_attn(v, ss, lsi, loc, aw, backend="torch")
+    assert out.shape == (2, 7, 4 * 3)
+
+
+def test_sampling_a_pixel_centre_reads_that_pixel():
+    """A point at pixel (i, j)'s centre, (j + 0.5) / W, (i + 0.5) / H, returns exactly value[i, j]."""
+    H, W = 3, 4
+    value = torch.arange(H * W, dtype=torch.float64).view(1, H * W, 1, 1)  # (N, S, M, D)
+    ss = torch.tensor([[H, W]])
+    lsi = level_start_index_from_shapes(ss)
+    for i in range(H):
+        for j in range(W):
+            loc = torch.tensor([(j + 0.5) / W, (i + 0.5) / H], dtype=torch.float64).view(1, 1, 1, 1, 1, 2)
+            aw = torch.ones(1, 1, 1, 1, 1, dtype=torch.float64)
+            for backend in BACKENDS:
+                out = ms_deform_attn(value, ss, lsi, loc, aw, backend=backend)
+                assert out.item() == pytest.approx(i * W + j), (backend, i, j)
+
+
+def test_bilinear_midpoint_and_zero_padding():
+    """Halfway between four pixel centres gives their mean; fully outside gives zero;
+    half a pixel outside the border sees half the border pixel (the other half reads zero)."""
+    H, W = 2, 2
+    value = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64).view(1, 4, 1, 1)
+    ss = torch.tensor([[H, W]])
+    lsi = level_start_index_from_shapes(ss)
+    aw = torch.ones(1, 1, 1, 1, 1, dtype=torch.float64)
+    cases = {(0.5, 0.5): 2.5, (1.5, 0.5): 0.0, (-0.5, 0.5): 0.0, (0.0, 0.25): 0.5}
+    for (x, y), expected in cases.items():
+        loc = torch.tensor([x, y], dtype=torch.float64).view(1, 1, 1, 1, 1, 2)
+        for backend in BACKENDS:
+            out = ms_deform_attn(value, ss, lsi, loc, aw, backend=backend)
+            assert out.item() == pytest.approx(expected), (backend, x, y)
+
+
+def test_weights_mix_levels_linearly():
+    """The output is the attention-weighted sum of the per-sample reads (Eq. 3 is linear in A)."""
+    v, ss, lsi, loc, aw = make_op_inputs([(4, 5), (2, 3)], N=1, Lq=2, M=1, D=2, P=2)
+    total = ms_deform_attn(v, ss, lsi, loc, aw, backend="torch")
+    parts = torch.zeros_like(total)
+    for l, (H, W) in enumerate(ss.tolist()):
+        start = int(lsi[l])
+        for k in range(loc.shape[4]):
+            read = bilinear_sample(v[:, start:start + H * W], H, W, loc[:, :, :, l, k])  # (N, Lq, M, D)
+            parts += (aw[:, :, :, l, k, None] * read).reshape(parts.shape)
+    torch.testing.assert_close(total, parts)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    levels=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4),
+    N=st.integers(1, 2),
+    Lq=st.integers(1, 5),
+    M=st.integers(1, 3),
+    D=st.integers(1, 4),
+    P=st.integers(1, 3),
+    lo=st.floats(-1.0, 0.5),
+    span=st.floats(0.0, 2.0),
+    seed=st.integers(0, 2**16),
+)
+def test_backends_agree_property(levels, N, Lq, M, D, P, lo, span, seed):
+    """Random shapes and location ranges (inside, straddling and outside [0, 1])."""
+    v, ss, lsi, loc, aw = make_op_inputs(levels, N, Lq, M, D, P, lo=lo, hi=lo + span, seed=seed,
+                                         requires_grad=True)
+    outs, grads = [], []
+    for backend in BACKENDS:
+        out = ms_deform_attn(v, ss, lsi, loc, aw, backend=backend)
+        g = torch.autograd.grad(out, (v, loc, aw), torch.ones_like(out) + out.detach())
+        outs.append(out.detach())
+        grads.append(g)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    for name, a, b in zip(("value", "sampling_locations", "attention_weights"), *grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_float32_backends_agree():
+    v, ss, lsi, loc, aw = make_op_inputs([(8, 9), (4, 5), (2, 3), (1, 1)], N=2, Lq=11, M=4, D=8, P=4,
+                                         dtype=torch.float32)
+    a = ms_deform_attn(v, ss, lsi, loc, aw, backend="loop")
+    b = ms_deform_attn(v, ss, lsi, loc, aw, backend="torch")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_uses_torch_on_cpu():
+    v, ss, lsi, loc, aw = make_op_inputs([(3, 3)])
+    torch.testing.assert_close(ms_deform_attn(v, ss, lsi, loc, aw), ms_deform_attn(v, ss, lsi, loc, aw, backend="torch"))
+
+
+def test_level_start_index_from_shapes():
+    ss = torch.tensor([[4, 5], [2, 3], [1, 1]])
+    assert level_start_index_from_shapes(ss).tolist() == [0, 20, 26]
+    assert not math.isnan(float(level_start_index_from_shapes(ss).sum()))
