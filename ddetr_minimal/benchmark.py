@@ -174,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None, help="JSON path (default data/results/benchmark_<device>.json)")
+    p.add_argument("--queries", type=int, default=500, help="queries in the backend comparison")
     p.add_argument("--force", action="store_true", help="overwrite an existing JSON file")
     args = p.parse_args(argv)
 
@@ -210,8 +211,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for k, v in exps.items():
         print(f"  {k:<18} {v:.2f}")
 
-    print(f"\nThe op's backends on levels (32,32),(16,16),(8,8),(4,4), 500 queries, 8 heads, D=32, K=4:")
-    brows = bench_backends(device, repeats=args.repeats)
+    print(f"\nThe op's backends on levels (32,32),(16,16),(8,8),(4,4), {args.queries} queries, 8 heads, D=32, K=4:")
+    brows = bench_backends(device, repeats=args.repeats, n_queries=args.queries)
     base = next(r for r in brows if r["backend"] == "torch")
     for r in brows:
         print(f"  {r['backend']:<6} {1e3 * r['fwd_bwd_s']:>9.2f} ms  {_fmt_bytes(r['bytes']):>11}  "
