@@ -1,1 +1,280 @@
-// placeholder
+// msda.cu -- multi-scale deformable attention (Zhu et al., ICLR 2021, Eq. 3) as two CUDA kernels.
+//
+// The op. For batch n, query q, head m and channel d:
+//
+//   out[n, q, m, d] = sum over levels l and points p of
+//                     A[n, q, m, l, p] * bilinear(value_l[n, :, m, d], loc[n, q, m, l, p])
+//
+// Tensors (all contiguous, row-major; the Python wrapper guarantees it):
+//   value               (N, S, M, D)        S = sum_l H_l * W_l, level l starts at level_start[l]
+//   spatial_shapes      (L, 2) int64        (H_l, W_l)
+//   level_start         (L,)   int64
+//   sampling_locations  (N, Lq, M, L, P, 2) normalised (x, y); pixel i has its centre at (i + 0.5) / size
+//   attention_weights   (N, Lq, M, L, P)
+//   output              (N, Lq, M, D)       the caller views it as (N, Lq, M*D)
+//
+// One source, four element types. `scalar_t` is what the tensors hold: float, double, or
+// one of the two 16-bit types below. `acc_t` is what we add up in: double for double,
+// float for everything else, so float16 and bfloat16 inputs (e.g. under torch.autocast)
+// are accumulated in float32 and only the final result is rounded back to 16 bits.
+//
+// The file includes no headers, so NVRTC compiles it on any machine without a CUDA
+// toolkit, and g++ compiles it for the CPU through cuda_host_emulation.h (tests).
+// Python compiles the templates it needs by name: msda_forward<float>, msda_backward<bfloat16_t>, ...
+
+// ---------------------------------------------------------------------------------------
+// 16-bit element types: we only need to widen them to float and round float back.
+// ---------------------------------------------------------------------------------------
+struct half_t { unsigned short bits; };      // IEEE float16: 1 sign, 5 exponent, 10 mantissa bits
+struct bfloat16_t { unsigned short bits; };  // bfloat16: the top 16 bits of a float32
+
+#ifdef __CUDA_ARCH__
+// On the GPU one PTX instruction converts in each direction (round to nearest even).
+__device__ __forceinline__ float half_to_float(half_t h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
+  return f;
+}
+__device__ __forceinline__ half_t float_to_half(float f) {
+  half_t h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
+  return h;
+}
+#else
+// CPU emulation build: g++ has a native 16-bit float type that does the same conversions.
+inline float half_to_float(half_t h) { _Float16 v; __builtin_memcpy(&v, &h.bits, 2); return (float)v; }
+inline half_t float_to_half(float f) { _Float16 v = (_Float16)f; half_t h; __builtin_memcpy(&h.bits, &v, 2); return h; }
+#endif
+
+// bfloat16 is a float32 with the low 16 mantissa bits cut off, so widening is a shift and
+// narrowing is rounding those 16 bits away (to nearest, ties to even), keeping NaN a NaN.
+__device__ __forceinline__ float bfloat16_to_float(bfloat16_t b) {
+  return __uint_as_float(static_cast<unsigned int>(b.bits) << 16);
+}
+__device__ __forceinline__ bfloat16_t float_to_bfloat16(float f) {
+  unsigned int u = __float_as_uint(f);
+  bfloat16_t b;
+  if ((u & 0x7fffffffu) > 0x7f800000u) { b.bits = 0x7fc0; return b; }  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  b.bits = static_cast<unsigned short>(u >> 16);
+  return b;
+}
+
+// Scalar<scalar_t>: the accumulator type and the two conversions, one specialisation per type.
+template <typename scalar_t> struct Scalar;
+template <> struct Scalar<float> {
+  typedef float acc_t;
+  __device__ static float load(float v) { return v; }
+  __device__ static float store(float v) { return v; }
+};
+template <> struct Scalar<double> {
+  typedef double acc_t;
+  __device__ static double load(double v) { return v; }
+  __device__ static double store(double v) { return v; }
+};
+template <> struct Scalar<half_t> {
+  typedef float acc_t;
+  __device__ static float load(half_t v) { return half_to_float(v); }
+  __device__ static half_t store(float v) { return float_to_half(v); }
+};
+template <> struct Scalar<bfloat16_t> {
+  typedef float acc_t;
+  __device__ static float load(bfloat16_t v) { return bfloat16_to_float(v); }
+  __device__ static bfloat16_t store(float v) { return float_to_bfloat16(v); }
+};
+
+// ---------------------------------------------------------------------------------------
+// Bilinear interpolation: where the four weights come from.
+// ---------------------------------------------------------------------------------------
+// A normalised location (x, y) in [0, 1] becomes the continuous pixel coordinate
+// (x * W - 0.5, y * H - 0.5), because pixel i has its centre at (i + 0.5) / W.
+// Its four neighbours are the pixels (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)
+// with x0 = floor(x), y0 = floor(y). With the fractional parts fx = x - x0, fy = y - y0,
+// each neighbour is weighted by the area of the rectangle on the opposite side:
+//
+//      (x0, y0) ------- (x0+1, y0)        w[0] = (1 - fy) * (1 - fx)   top-left
+//         |      fx   |      |            w[1] = (1 - fy) * fx         top-right
+//         |  fy  *----+      |            w[2] = fy * (1 - fx)         bottom-left
+//      (x0, y0+1) ----- (x0+1, y0+1)      w[3] = fy * fx               bottom-right
+//
+// The weights sum to 1. A neighbour outside the map reads zero ("zeros" padding), which
+// we express by giving it position -1 so that callers skip it.
+template <typename acc_t> struct Bilinear {
+  int pos[4];    // row-major position y * W + x inside the level, or -1 outside the map
+  acc_t w[4];    // the weights above, in the order top-left, top-right, bottom-left, bottom-right
+  acc_t fx, fy;  // fractional parts (the backward pass differentiates the weights by them)
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Bilinear<acc_t> bilinear(acc_t loc_x, acc_t loc_y, int H, int W) {
+  Bilinear<acc_t> b;
+  const acc_t x = loc_x * W - acc_t(0.5), y = loc_y * H - acc_t(0.5);
+  const acc_t x0 = floor(x), y0 = floor(y);
+  b.fx = x - x0;
+  b.fy = y - y0;
+  b.w[0] = (1 - b.fy) * (1 - b.fx);
+  b.w[1] = (1 - b.fy) * b.fx;
+  b.w[2] = b.fy * (1 - b.fx);
+  b.w[3] = b.fy * b.fx;
+  // Compare in floating point before converting, so a far-away location cannot overflow an int.
+  const bool x0_in = x0 >= 0 && x0 <= W - 1, x1_in = x0 >= -1 && x0 <= W - 2;
+  const bool y0_in = y0 >= 0 && y0 <= H - 1, y1_in = y0 >= -1 && y0 <= H - 2;
+  const int xi = (x0_in || x1_in) ? static_cast<int>(x0) : 0;
+  const int yi = (y0_in || y1_in) ? static_cast<int>(y0) : 0;
+  b.pos[0] = (y0_in && x0_in) ? yi * W + xi : -1;
+  b.pos[1] = (y0_in && x1_in) ? yi * W + xi + 1 : -1;
+  b.pos[2] = (y1_in && x0_in) ? (yi + 1) * W + xi : -1;
+  b.pos[3] = (y1_in && x1_in) ? (yi + 1) * W + xi + 1 : -1;
+  return b;
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: one thread per output element.
+// ---------------------------------------------------------------------------------------
+// Thread i owns out[n, q, m, d] with i = ((n * Lq + q) * M + m) * D + d. It walks all L
+// levels and P points of its head, keeps the running sum in a register, and writes once:
+// no two threads write the same element, so no atomics. Neighbouring threads own
+// neighbouring channels d, so their reads of value[n, s, m, d] are contiguous (coalesced).
+// The loop is grid-stride: if the grid is smaller than the number of outputs, each
+// thread moves on by (total number of threads) and takes another element.
+template <typename scalar_t>
+__global__ void msda_forward(const scalar_t* __restrict__ value,
+                             const long long* __restrict__ spatial_shapes,
+                             const long long* __restrict__ level_start,
+                             const scalar_t* __restrict__ sampling_locations,
+                             const scalar_t* __restrict__ attention_weights,
+                             scalar_t* __restrict__ output,
+                             int N, int S, int M, int D, int Lq, int L, int P) {
+  typedef Scalar<scalar_t> T;
+  typedef typename T::acc_t acc_t;
+  const long long total = static_cast<long long>(N) * Lq * M * D;
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const int d = static_cast<int>(i % D);
+    const long long nqm = i / D;  // ((n * Lq + q) * M + m): the (query, head) pair this thread serves
+    const int m = static_cast<int>(nqm % M);
+    const long long n = nqm / (static_cast<long long>(Lq) * M);
+    const scalar_t* loc = sampling_locations + nqm * L * P * 2;  // this head's (L, P, 2) block
+    const scalar_t* weight = attention_weights + nqm * L * P;    // this head's (L, P) block
+    const long long row = static_cast<long long>(M) * D;         // distance between positions s and s+1
+    const scalar_t* v_nm = value + n * S * row + m * D + d;      // &value[n, 0, m, d]
+
+    acc_t acc = 0;
+    for (int l = 0; l < L; ++l) {
+      const int H = static_cast<int>(spatial_shapes[2 * l]), W = static_cast<int>(spatial_shapes[2 * l + 1]);
+      const scalar_t* v = v_nm + level_start[l] * row;  // &value[n, level_start[l], m, d]
+      for (int p = 0; p < P; ++p) {
+        const int lp = l * P + p;
+        const Bilinear<acc_t> b = bilinear<acc_t>(T::load(loc[2 * lp]), T::load(loc[2 * lp + 1]), H, W);
+        acc_t sample = 0;
+        for (int c = 0; c < 4; ++c)
+          if (b.pos[c] >= 0) sample += b.w[c] * T::load(v[b.pos[c] * row]);
+        acc += T::load(weight[lp]) * sample;
+      }
+    }
+    output[i] = T::store(acc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward: one warp (32 threads) per (n, q, m).
+// ---------------------------------------------------------------------------------------
+// Given g = dLoss/dout (N, Lq, M, D), the chain rule through out = sum A * sum_c w_c * v_c gives
+//
+//   grad_value[n, pos_c, m, d]   += A * w_c * g[d]                 for each neighbour c
+//   grad_weights[n, q, m, l, p]   = sum_d g[d] * sample[d]
+//   grad_locations[.., 0] (x)     = A * W * sum_d g[d] * dsample[d]/dfx
+//   grad_locations[.., 1] (y)     = A * H * sum_d g[d] * dsample[d]/dfy
+//
+// (the factor W comes from x_pixel = loc_x * W - 0.5, likewise H for y), with
+//   dsample/dfx = (1 - fy) * (v_top_right - v_top_left) + fy * (v_bottom_right - v_bottom_left)
+//   dsample/dfy = (1 - fx) * (v_bottom_left - v_top_left) + fx * (v_bottom_right - v_top_right).
+//
+// Who writes what:
+//  * grad_value NEEDS atomics: many queries (and several points of one query) can pick the
+//    same neighbour pixel, and their threads run at the same time. atomicAdd makes each
+//    read-add-write indivisible. Each lane adds only into its own channels d.
+//  * grad_weights and grad_locations AVOID atomics: each is a sum over the D channels of
+//    one head, and exactly one warp serves that head. Lane k handles channels
+//    d = k, k + 32, k + 64, ... and keeps partial sums in registers; warp_sum adds the 32
+//    partials with register-to-register shuffles, and lane 0 writes each result with a
+//    plain store. (A global atomicAdd per channel would make D threads fight over one address.)
+//
+// Requirement: blockDim.x is a multiple of 32, so a warp never straddles two blocks and
+// every lane of a warp takes the same trip through the loops (warp_sum needs all 32).
+
+// Sum of `v` over the 32 lanes of a warp; the total arrives in lane 0. Each step adds the
+// value held `offset` lanes higher: after offsets 16, 8, 4, 2, 1, lane 0 holds all 32.
+template <typename acc_t> __device__ __forceinline__ acc_t warp_sum(acc_t v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename scalar_t>
+__global__ void msda_backward(const scalar_t* __restrict__ value,
+                              const long long* __restrict__ spatial_shapes,
+                              const long long* __restrict__ level_start,
+                              const scalar_t* __restrict__ sampling_locations,
+                              const scalar_t* __restrict__ attention_weights,
+                              const scalar_t* __restrict__ grad_output,
+                              typename Scalar<scalar_t>::acc_t* __restrict__ grad_value,
+                              typename Scalar<scalar_t>::acc_t* __restrict__ grad_locations,
+                              typename Scalar<scalar_t>::acc_t* __restrict__ grad_weights,
+                              int N, int S, int M, int D, int Lq, int L, int P) {
+  typedef Scalar<scalar_t> T;
+  typedef typename T::acc_t acc_t;
+  const int lane = threadIdx.x % 32;
+  const long long warp = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const long long n_warps = static_cast<long long>(gridDim.x) * blockDim.x / 32;
+  const long long total = static_cast<long long>(N) * Lq * M;
+  for (long long nqm = warp; nqm < total; nqm += n_warps) {  // same trips for all 32 lanes
+    const int m = static_cast<int>(nqm % M);
+    const long long n = nqm / (static_cast<long long>(Lq) * M);
+    const scalar_t* loc = sampling_locations + nqm * L * P * 2;
+    const scalar_t* weight = attention_weights + nqm * L * P;
+    const scalar_t* g = grad_output + nqm * D;  // dLoss/dout[n, q, m, :]
+    const long long row = static_cast<long long>(M) * D;
+    const long long base = n * S * row + m * D;  // offset of [n, 0, m, 0] in value and grad_value
+
+    for (int l = 0; l < L; ++l) {
+      const int H = static_cast<int>(spatial_shapes[2 * l]), W = static_cast<int>(spatial_shapes[2 * l + 1]);
+      const long long level = base + level_start[l] * row;
+      for (int p = 0; p < P; ++p) {
+        const int lp = l * P + p;
+        const acc_t a = T::load(weight[lp]);
+        const Bilinear<acc_t> b = bilinear<acc_t>(T::load(loc[2 * lp]), T::load(loc[2 * lp + 1]), H, W);
+        acc_t part_a = 0, part_x = 0, part_y = 0;  // this lane's share of the three sums over d
+        for (int d = lane; d < D; d += 32) {
+          acc_t v[4];
+          for (int c = 0; c < 4; ++c) v[c] = b.pos[c] >= 0 ? T::load(value[level + b.pos[c] * row + d]) : acc_t(0);
+          const acc_t gd = T::load(g[d]);
+          part_a += gd * (b.w[0] * v[0] + b.w[1] * v[1] + b.w[2] * v[2] + b.w[3] * v[3]);
+          part_x += gd * ((1 - b.fy) * (v[1] - v[0]) + b.fy * (v[3] - v[2]));
+          part_y += gd * ((1 - b.fx) * (v[2] - v[0]) + b.fx * (v[3] - v[1]));
+          for (int c = 0; c < 4; ++c)
+            if (b.pos[c] >= 0) atomicAdd(&grad_value[level + b.pos[c] * row + d], a * b.w[c] * gd);
+        }
+        part_a = warp_sum(part_a);
+        part_x = warp_sum(part_x);
+        part_y = warp_sum(part_y);
+        if (lane == 0) {  // the warp owns these three numbers: plain stores, no atomics
+          grad_weights[nqm * L * P + lp] = part_a;
+          grad_locations[(nqm * L * P + lp) * 2] = a * W * part_x;
+          grad_locations[(nqm * L * P + lp) * 2 + 1] = a * H * part_y;
+        }
+      }
+    }
+  }
+}
+
+#ifdef CUDA_HOST_EMULATION
+// CPU build only: make the instantiations callable by name from Python (ctypes).
+EMU_REGISTER_KERNEL(msda_forward<float>)
+EMU_REGISTER_KERNEL(msda_forward<double>)
+EMU_REGISTER_KERNEL(msda_forward<half_t>)
+EMU_REGISTER_KERNEL(msda_forward<bfloat16_t>)
+EMU_REGISTER_KERNEL(msda_backward<float>)
+EMU_REGISTER_KERNEL(msda_backward<double>)
+EMU_REGISTER_KERNEL(msda_backward<half_t>)
+EMU_REGISTER_KERNEL(msda_backward<bfloat16_t>)
+#endif

@@ -1,0 +1,238 @@
+"""The CUDA kernels of kernels/msda.cu, run on the CPU, against the torch backend.
+
+kernels/msda.cu is compiled once per test session by g++ through
+kernels/cuda_host_emulation.h; ``ms_deform_attn_emulated`` then runs the very launch code
+of the GPU wrapper (ddetr_minimal.cupy_msda) with a CPU launcher.
+"""
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ddetr_minimal import kernel_emulation
+from ddetr_minimal.kernel_emulation import build, launch, load, ms_deform_attn_emulated
+from ddetr_minimal.msda import level_start_index_from_shapes, ms_deform_attn
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emulator(tmp_path_factory):
+    """Build the library once, into a fresh cache folder (never the source tree)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DDETR_MINIMAL_CACHE", str(tmp_path_factory.mktemp("emulation")))
+        yield build()
+
+
+def make_inputs(N, M, D, Lq, shapes, P, dtype=torch.float64, seed=0):
+    """Random op inputs; locations spread over [-0.25, 1.25] so some fall off the map."""
+    g = torch.Generator().manual_seed(seed)
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64)  # (L, 2)
+    L, S = len(shapes), int(spatial_shapes.prod(1).sum())
+    value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64)  # (N, S, M, D)
+    loc = torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=torch.float64) * 1.5 - 0.25  # (N, Lq, M, L, P, 2)
+    loc.view(-1, 2)[::7] = torch.tensor([3.0, -2.0], dtype=torch.float64)  # some far outside
+    logits = torch.randn(N, Lq, M, L * P, generator=g, dtype=torch.float64)  # (N, Lq, M, L*P)
+    weights = logits.softmax(-1).view(N, Lq, M, L, P)  # (N, Lq, M, L, P)
+    return (value.to(dtype), spatial_shapes, level_start_index_from_shapes(spatial_shapes),
+            loc.to(dtype), weights.to(dtype))
+
+
+def output_and_grads(fn, inputs, grad_output=None):
+    """Forward output and the gradients of value, sampling locations and attention weights."""
+    value, shapes, starts, loc, weights = [t.detach().clone() for t in inputs]
+    for t in (value, loc, weights):
+        t.requires_grad_(True)
+    out = fn(value, shapes, starts, loc, weights)
+    if grad_output is None:
+        grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, (value, loc, weights), grad_output.to(out.dtype))
+    return (out.detach(), *grads)
+
+
+def torch_backend(*args):
+    return ms_deform_attn(*args, backend="torch")
+
+
+def assert_close_scaled(actual, expected, tol, what):
+    """|actual - expected| <= tol * max(1, max|expected|), elementwise, with a readable message."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
+# name, N, M, D, Lq, level shapes (H, W), P -- every D of the issue, 1 to 5 levels, 1x1 maps
+CASES = [
+    ("D1", 3, 2, 1, 4, [(3, 4)], 2),
+    ("D2", 1, 3, 2, 5, [(4, 4), (2, 2)], 3),
+    ("D7", 3, 1, 7, 3, [(5, 3), (3, 2), (1, 1)], 2),
+    ("D32", 1, 2, 32, 4, [(6, 5), (3, 3), (2, 2), (1, 1)], 4),
+    ("D33", 3, 2, 33, 3, [(4, 6), (2, 3), (1, 2), (1, 1), (1, 1)], 2),
+    ("D64", 1, 1, 64, 3, [(7, 5), (4, 3), (2, 2)], 3),
+    ("D256", 3, 1, 256, 2, [(3, 3), (1, 1)], 2),
+    ("only-1x1", 3, 2, 32, 3, [(1, 1)], 4),
+]
+NAMES = ["output", "grad value", "grad sampling_locations", "grad attention_weights"]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_forward_and_gradients_match_torch_backend(case, dtype, tol):
+    inputs = make_inputs(*case[1:], dtype=dtype)
+    got = output_and_grads(ms_deform_attn_emulated, inputs)
+    want = output_and_grads(torch_backend, inputs)
+    for name, a, b in zip(NAMES, got, want):
+        assert a.dtype == dtype
+        assert_close_scaled(a, b, tol, f"{case[0]} {dtype} {name}")
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    N=st.sampled_from([1, 3]),
+    M=st.integers(1, 3),
+    D=st.sampled_from([1, 2, 7, 32, 33, 64]),
+    Lq=st.integers(1, 4),
+    shapes=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=5),
+    P=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_match_torch_backend(N, M, D, Lq, shapes, P, seed):
+    inputs = make_inputs(N, M, D, Lq, shapes, P, seed=seed)
+    for name, a, b in zip(NAMES, output_and_grads(ms_deform_attn_emulated, inputs),
+                          output_and_grads(torch_backend, inputs)):
+        assert_close_scaled(a, b, 1e-12, name)
+
+
+@pytest.mark.parametrize("max_blocks", [1, 2])
+def test_grid_stride_loop_covers_everything_with_a_small_grid(max_blocks):
+    # 3*4*2*33 = 792 outputs and 24 warps, but only 256 or 512 threads: each thread loops
+    inputs = make_inputs(3, 2, 33, 4, [(4, 5), (2, 2)], 3)
+    small = output_and_grads(lambda *a: ms_deform_attn_emulated(*a, max_blocks=max_blocks), inputs)
+    for name, a, b in zip(NAMES, small, output_and_grads(torch_backend, inputs)):
+        assert_close_scaled(a, b, 1e-12, f"max_blocks={max_blocks} {name}")
+
+
+def test_non_contiguous_inputs():
+    value, shapes, starts, loc, weights = make_inputs(2, 2, 7, 3, [(4, 3), (2, 2)], 2)
+    value_t = value.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    loc_t = loc.permute(5, 0, 1, 2, 3, 4).contiguous().permute(1, 2, 3, 4, 5, 0)
+    assert not value_t.is_contiguous() and not loc_t.is_contiguous()
+    got = ms_deform_attn_emulated(value_t, shapes, starts, loc_t, weights)
+    torch.testing.assert_close(got, ms_deform_attn(value, shapes, starts, loc, weights, backend="torch"))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)], ids=["f16", "bf16"])
+def test_16_bit_inputs_accumulate_in_float32(dtype, tol):
+    """Same 16-bit inputs, reference in float64: errors stay within a 16-bit rounding."""
+    inputs = make_inputs(3, 2, 33, 4, [(5, 4), (3, 2), (1, 1)], 3, dtype=dtype)
+    got = output_and_grads(ms_deform_attn_emulated, inputs)
+    want = output_and_grads(torch_backend, [t.double() if t.is_floating_point() else t for t in inputs])
+    for name, a, b in zip(NAMES, got, want):
+        assert a.dtype == dtype, name
+        assert_close_scaled(a, b, tol, f"{dtype} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_16_bit_output_is_rounded_like_torch(dtype):
+    """One point per head sitting on a pixel centre: out = a * v exactly in float32, so the
+    kernel's rounding back to 16 bits must agree bit for bit with torch's."""
+    N, M, D, Lq, H, W = 2, 2, 40, 16, 4, 4
+    g = torch.Generator().manual_seed(3)
+    shapes = torch.tensor([[H, W]])
+    value = (torch.randn(N, H * W, M, D, generator=g) * 3).to(dtype)  # (N, S, M, D)
+    pixel = torch.randint(0, W, (N, Lq, M, 1, 1, 2), generator=g)  # (N, Lq, M, 1, 1, 2)
+    loc = ((pixel + 0.5) / W).to(dtype)  # centres (i + 0.5) / 4 are exact in 16 bits
+    weights = torch.rand(N, Lq, M, 1, 1, generator=g).to(dtype)  # (N, Lq, M, 1, 1)
+    out = ms_deform_attn_emulated(value, shapes, level_start_index_from_shapes(shapes), loc, weights)
+    flat = pixel[..., 0, 0, 1] * W + pixel[..., 0, 0, 0]  # (N, Lq, M) row-major position
+    picked = torch.stack([value[n, flat[n, :, m], m] for n in range(N) for m in range(M)])  # (N*M, Lq, D)
+    picked = picked.view(N, M, Lq, D).transpose(1, 2)  # (N, Lq, M, D)
+    expected = (weights.float().view(N, Lq, M, 1) * picked.float()).to(dtype)  # (N, Lq, M, D)
+    assert torch.equal(out.view(N, Lq, M, D), expected)
+
+
+def test_unsupported_dtype_is_rejected():
+    value, shapes, starts, loc, weights = make_inputs(1, 1, 2, 1, [(2, 2)], 1)
+    with pytest.raises(TypeError, match="dtype"):
+        ms_deform_attn_emulated(value.to(torch.complex64), shapes, starts, loc.to(torch.complex64),
+                                weights.to(torch.complex64))
+
+
+# --- the emulation header itself: shuffles, __syncthreads, error reports ---------------
+HEADER_TEST_KERNELS = textwrap.dedent("""
+    template <typename T> __global__ void warp_totals(const T* in, T* out) {
+      const int i = blockIdx.x * blockDim.x + threadIdx.x;
+      T v = in[i];
+      for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+      if (threadIdx.x % 32 == 0) out[i / 32] = v;
+    }
+    __global__ void butterfly(const int* in, int* out) {  // every lane ends with the warp total
+      int v = in[threadIdx.x];
+      for (int mask = 16; mask > 0; mask /= 2) v += __shfl_xor_sync(0xffffffffu, v, mask);
+      out[threadIdx.x] = v;
+    }
+    __global__ void reverse_block(const float* in, float* out) {  // needs __syncthreads across warps
+      __shared__ float tile[1024];
+      const int i = blockIdx.x * blockDim.x + threadIdx.x;
+      tile[threadIdx.x] = in[i];
+      __syncthreads();
+      out[i] = tile[blockDim.x - 1 - threadIdx.x];
+    }
+    __global__ void half_warp_returns_early(const int* in, int* out) {  // a bug the emulator reports
+      if (threadIdx.x >= 16) return;
+      out[threadIdx.x] = __shfl_down_sync(0xffffffffu, in[threadIdx.x], 1);
+    }
+    EMU_REGISTER_KERNEL(warp_totals<float>)
+    EMU_REGISTER_KERNEL(warp_totals<double>)
+    EMU_REGISTER_KERNEL(butterfly)
+    EMU_REGISTER_KERNEL(reverse_block)
+    EMU_REGISTER_KERNEL(half_warp_returns_early)
+""")
+
+
+@pytest.fixture(scope="module")
+def header_kernels(tmp_path_factory):
+    source = tmp_path_factory.mktemp("src") / "header_kernels.cu"
+    source.write_text(HEADER_TEST_KERNELS)
+    return source, load(source)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_header_shuffle_down_reduces_each_warp(header_kernels, dtype):
+    _, lib = header_kernels
+    x = torch.randn(3 * 128, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    out = torch.zeros(3 * 128 // 32, dtype=dtype)
+    launch(f"warp_totals<{'float' if dtype == torch.float32 else 'double'}>", 3, 128, [x, out], library=lib)
+    torch.testing.assert_close(out, x.view(-1, 32).sum(1))
+
+
+def test_header_shuffle_xor_and_syncthreads(header_kernels):
+    _, lib = header_kernels
+    x = torch.arange(32, dtype=torch.int32)
+    out = torch.zeros(32, dtype=torch.int32)
+    launch("butterfly", 1, 32, [x, out], library=lib)
+    assert out.tolist() == [int(x.sum())] * 32
+    y = torch.randn(2 * 96)
+    rev = torch.zeros(2 * 96)
+    launch("reverse_block", 2, 96, [y, rev], library=lib)  # three warps meet at __syncthreads
+    torch.testing.assert_close(rev, y.view(2, 96).flip(1).reshape(-1))
+
+
+def test_header_reports_a_shuffle_with_missing_lanes(header_kernels):
+    _, lib = header_kernels
+    with pytest.raises(RuntimeError, match="has already returned"):
+        launch("half_warp_returns_early", 1, 32, [torch.zeros(32, dtype=torch.int32)] * 2, library=lib)
+    with pytest.raises(RuntimeError, match="no kernel registered"):
+        launch("not_a_kernel", 1, 32, [], library=lib)
+
+
+def test_build_reuses_the_cache_and_rebuilds_when_the_source_changes(header_kernels, tmp_path):
+    source, _ = header_kernels
+    first = build(source)
+    assert first.parent == kernel_emulation.default_cache_dir() and first.is_file()
+    mtime = first.stat().st_mtime_ns
+    assert build(source) == first and first.stat().st_mtime_ns == mtime  # unchanged: not recompiled
+    edited = tmp_path / source.name
+    edited.write_text(source.read_text() + "\n// edited\n")
+    assert build(edited) != first
