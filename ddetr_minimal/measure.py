@@ -1,6 +1,7 @@
 """Measuring what the chapters compare: time, memory, fitted exponents and attention entropy.
 
-* :func:`median_time` -- wall-clock seconds of a call, the median of a few repeats.
+* :func:`median_time` -- seconds of one call (wall clock or CPU time), the median of a few
+  repeats; :func:`median_times` measures several calls in turn.
 * :func:`saved_tensor_bytes` -- bytes a forward pass keeps for its backward pass: the memory
   that training has to hold, measured on any device (no allocator statistics needed).
 * :func:`fit_exponent` -- the ``p`` of ``y = c * x**p``, by least squares on ``log y``.
@@ -19,45 +20,82 @@ import numpy as np
 import torch
 
 
+CLOCKS = ("wall", "cpu")
+
+
 def _synchronize(args) -> None:
     if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
         torch.cuda.synchronize()
 
 
-def median_time(fn: Callable, *args, repeats: int = 5, warmup: int = 1,
-                min_seconds: float = 0.01) -> float:
-    """Median wall-clock seconds of one ``fn(*args)`` call over ``repeats`` measurements.
-
-    After ``warmup`` calls, each measurement times a batch of calls lasting at least
-    ``min_seconds`` (the batch size is found once, like :mod:`timeit`'s autorange) and divides
-    by the batch size, so that very fast calls are not lost in clock and scheduler noise.
-    CUDA work is synchronised before the clock is read, so GPU timings are honest too.
-    """
+def _check_timing_args(repeats, warmup, min_seconds, clock) -> Callable[[], float]:
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
-    if not min_seconds >= 0:
-        raise ValueError(f"min_seconds must be non-negative, got {min_seconds!r}")
+    if not isinstance(min_seconds, (int, float)) or not min_seconds >= 0:
+        raise ValueError(f"min_seconds must be a non-negative number, got {min_seconds!r}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    return time.perf_counter if clock == "wall" else time.process_time
 
-    def timed(number: int) -> float:
-        _synchronize(args)
-        start = time.perf_counter()
-        for _ in range(number):
-            fn(*args)
-        _synchronize(args)
-        return time.perf_counter() - start
 
+def _seconds_per_call(fn: Callable, args, number: int, now: Callable[[], float]) -> float:
+    """Run ``fn(*args)`` ``number`` times back to back; return the seconds per call."""
+    _synchronize(args)
+    start = now()
+    for _ in range(number):
+        fn(*args)
+    _synchronize(args)
+    return (now() - start) / number
+
+
+def _calls_per_measurement(fn: Callable, args, warmup: int, min_seconds: float,
+                           now: Callable[[], float]) -> int:
+    """Warm up, then find how many calls last at least ``min_seconds`` (like timeit's autorange)."""
     for _ in range(warmup):
         fn(*args)
     number = 1
-    while True:  # grow the batch until it lasts min_seconds
-        elapsed = timed(number)
-        if elapsed >= min_seconds or number >= 1_000_000:
+    while number < 1_000_000:
+        elapsed = _seconds_per_call(fn, args, number, now) * number
+        if elapsed >= min_seconds:
             break
         number *= 2 if elapsed <= 0 else max(2, min(10, math.ceil(1.2 * min_seconds / elapsed)))
-    times = [elapsed / number] + [timed(number) / number for _ in range(repeats - 1)]
-    return statistics.median(times)
+    return number
+
+
+def median_time(fn: Callable, *args, repeats: int = 5, warmup: int = 1,
+                min_seconds: float = 0.01, clock: str = "wall") -> float:
+    """Median seconds of one ``fn(*args)`` call over ``repeats`` measurements.
+
+    After ``warmup`` calls, each measurement times a batch of calls lasting at least
+    ``min_seconds`` and divides by the batch size, so that very fast calls are not lost in
+    clock and scheduler noise.
+
+    ``clock="wall"`` reads :func:`time.perf_counter`; CUDA work is synchronised before the
+    clock is read, so GPU timings are honest too. ``clock="cpu"`` reads
+    :func:`time.process_time`, the CPU time of this process only: on a busy machine it does
+    not count the time other programs hold the cores, so growth curves stay cleaner.
+    """
+    now = _check_timing_args(repeats, warmup, min_seconds, clock)
+    number = _calls_per_measurement(fn, args, warmup, min_seconds, now)
+    return statistics.median(_seconds_per_call(fn, args, number, now) for _ in range(repeats))
+
+
+def median_times(calls: Sequence[Tuple[Callable, tuple]], repeats: int = 5, warmup: int = 1,
+                 min_seconds: float = 0.01, clock: str = "wall") -> List[float]:
+    """:func:`median_time` of several calls ``(fn, args)``, measured in turn within each repeat.
+
+    Interleaving the calls spreads any burst of load from other programs over all of them
+    instead of inflating one, which keeps the growth of a cost curve honest.
+    """
+    now = _check_timing_args(repeats, warmup, min_seconds, clock)
+    numbers = [_calls_per_measurement(fn, args, warmup, min_seconds, now) for fn, args in calls]
+    times: List[List[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, ((fn, args), number) in enumerate(zip(calls, numbers)):
+            times[i].append(_seconds_per_call(fn, args, number, now))
+    return [statistics.median(t) for t in times]
 
 
 def saved_tensor_bytes(fn: Callable, *args) -> int:
@@ -144,11 +182,12 @@ def attention_cost(kind: str, sides: Sequence[int], n_queries: Optional[int] = N
     ``N_q = HW``); an integer is decoder cross-attention with that many object queries.
 
     Returns ``{"hw": [...], "seconds": [...], "bytes": [...]}``: the number of pixels, the median
-    forward time (no grad) and the bytes saved for backward (:func:`saved_tensor_bytes`).
+    forward time (no grad; CPU time of this process, each call measured in turn with the
+    others, see :func:`median_times`) and the bytes saved for backward (:func:`saved_tensor_bytes`).
 
     ``threads`` sets PyTorch's CPU threads during the measurement (restored afterwards); the
     default of one thread makes the growth reflect the arithmetic rather than how busy the other
-    cores are. ``None`` leaves the setting alone.
+    cores are. ``None`` leaves the setting alone (CPU time then adds up over the threads).
     """
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {kind!r}")
@@ -178,6 +217,7 @@ def _attention_cost(kind, sides, n_queries, d_model, n_heads, n_points, repeats,
     else:
         layer = MSDeformAttn(d_model, n_levels=1, n_heads=n_heads, n_points=n_points, backend="torch")
     result: Dict[str, List[float]] = {"hw": [], "seconds": [], "bytes": []}
+    calls = []
     for side in sides:
         HW = side * side
         x = torch.randn(1, HW, d_model, generator=g)  # (1, HW, C) the flattened feature map
@@ -194,9 +234,9 @@ def _attention_cost(kind, sides, n_queries, d_model, n_heads, n_points, repeats,
                 ref = torch.rand(Lq, 2, generator=g)  # (Lq, 2)
             ref = ref.view(1, Lq, 1, 2)  # (1, Lq, L=1, 2)
             args = (query, ref, x, shapes, start)
-        with torch.no_grad():
-            seconds = median_time(layer, *args, repeats=repeats)
+        calls.append((layer, args))
         result["hw"].append(HW)
-        result["seconds"].append(seconds)
         result["bytes"].append(saved_tensor_bytes(layer, *args))
+    with torch.no_grad():
+        result["seconds"] = median_times(calls, repeats=repeats, min_seconds=0.05, clock="cpu")
     return result
