@@ -10,7 +10,9 @@ in one run:
 
 and the ratios between them, then writes everything to a JSON file the book can plot.
 
-Memory: on a GPU the peak allocated memory (``torch.cuda.max_memory_allocated``); on a CPU,
+Time: the median of a few repeats, all sizes measured in turn within each repeat; CPU time of
+this process on a CPU (so other programs on a shared machine do not inflate it), wall time on a
+GPU. Memory: on a GPU the peak allocated memory (``torch.cuda.max_memory_allocated``); on a CPU,
 where PyTorch keeps no allocator statistics, the bytes of tensors autograd saves for the
 backward pass (the activation memory), counted with ``saved_tensors_hooks``. The vanilla layer's
 attention matrices dominate both.
@@ -20,41 +22,23 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import sys
-import time
 from typing import Callable, Dict, List, Sequence
 
 import torch
 
 from .attention import MultiHeadAttention, attention_flops, deformable_attention_flops
 from .deformable_attention import MSDeformAttn
+from .measure import fit_exponent, grid_reference_points, median_times, saved_tensor_bytes
 from .msda import level_start_index_from_shapes, ms_deform_attn
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_fn(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
-    """Best (minimum) wall time in seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
-
-    The minimum, not the mean, because other processes only ever add time: the fastest run is
-    the closest to what the code itself costs.
-    """
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def _clock(device: torch.device) -> str:
+    # CPU time of this process on the CPU (other programs on a shared machine do not count);
+    # wall time, synchronised, on a GPU
+    return "wall" if device.type == "cuda" else "cpu"
 
 
 def memory_bytes(fn: Callable[[], torch.Tensor], device: torch.device) -> int:
@@ -66,24 +50,11 @@ def memory_bytes(fn: Callable[[], torch.Tensor], device: torch.device) -> int:
         fn().sum().backward()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    seen: Dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        seen[id(t)] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    out.sum().backward()
-    return sum(seen.values())
+    return saved_tensor_bytes(fn)
 
 
-def fit_exponent(sizes: Sequence[float], values: Sequence[float]) -> float:
-    """Least-squares slope of log(values) against log(sizes): the exponent of a power law."""
-    xs = [math.log(s) for s in sizes]
-    ys = [math.log(v) for v in values]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+def _fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    return lambda: fn().sum().backward()
 
 
 def encoder_layers(d_model: int, n_heads: int, n_points: int, device: torch.device):
@@ -94,24 +65,17 @@ def encoder_layers(d_model: int, n_heads: int, n_points: int, device: torch.devi
     return vanilla, deform
 
 
-def pixel_reference_points(H: int, W: int, device: torch.device) -> torch.Tensor:
-    """Normalised centres of every pixel of an H x W map, (1, H*W, 1, 2) as (x, y)."""
-    ys, xs = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
-    ref = torch.stack([(xs + 0.5) / W, (ys + 0.5) / H], -1)  # (H, W, 2)
-    return ref.view(1, H * W, 1, 2)  # (1, H*W, 1, 2)
-
-
 def bench_encoder_scaling(sides: Sequence[int], d_model: int = 64, n_heads: int = 8, n_points: int = 4,
                           device: torch.device = torch.device("cpu"), repeats: int = 3) -> List[dict]:
     """Time and memory of vanilla vs deformable self-attention over square maps of the given sides."""
     vanilla, deform = encoder_layers(d_model, n_heads, n_points, device)
-    rows = []
+    rows, calls = [], []
     for side in sides:
         H = W = side
         x = torch.randn(1, H * W, d_model, device=device, requires_grad=True)  # (1, HW, C)
         shapes = torch.tensor([[H, W]], device=device)
         lsi = level_start_index_from_shapes(shapes)
-        ref = pixel_reference_points(H, W, device)
+        ref = grid_reference_points(H, W).to(device).view(1, H * W, 1, 2)  # (1, HW, L=1, 2)
 
         def run_vanilla():
             return vanilla(x, x, x)[0]
@@ -121,11 +85,15 @@ def bench_encoder_scaling(sides: Sequence[int], d_model: int = 64, n_heads: int 
 
         row = {"H": H, "W": W, "HW": H * W}
         for name, fn in (("vanilla", run_vanilla), ("deformable", run_deform)):
-            row[f"{name}_s"] = time_fn(lambda: fn().sum().backward(), device, repeats)
+            calls.append((_fwd_bwd(fn), ()))
             row[f"{name}_bytes"] = memory_bytes(fn, device)
         row["vanilla_flops"] = attention_flops(H * W, H * W, d_model)
         row["deformable_flops"] = deformable_attention_flops(H * W, H * W, d_model, n_heads, 1, n_points)
         rows.append(row)
+    # every size and layer measured in turn within each repeat, so load bursts spread evenly
+    seconds = median_times(calls, repeats=repeats, min_seconds=0.02, clock=_clock(device))
+    for i, row in enumerate(rows):
+        row["vanilla_s"], row["deformable_s"] = seconds[2 * i], seconds[2 * i + 1]
     return rows
 
 
@@ -147,14 +115,11 @@ def bench_backends(device: torch.device = torch.device("cpu"), repeats: int = 3,
 
         if is_available():
             backends.append("cupy")
-    rows = []
-    for b in backends:
-        def fn(b=b):
-            return ms_deform_attn(value, ss, lsi, loc, aw, backend=b)
-
-        rows.append({"backend": b, "fwd_bwd_s": time_fn(lambda: fn().sum().backward(), device, repeats),
-                     "bytes": memory_bytes(fn, device)})
-    return rows
+    fns = [lambda b=b: ms_deform_attn(value, ss, lsi, loc, aw, backend=b) for b in backends]
+    seconds = median_times([(_fwd_bwd(fn), ()) for fn in fns], repeats=repeats, min_seconds=0.02,
+                           clock=_clock(device))
+    return [{"backend": b, "fwd_bwd_s": t, "bytes": memory_bytes(fn, device)}
+            for b, t, fn in zip(backends, seconds, fns)]
 
 
 def _fmt_bytes(n: float) -> str:
@@ -200,12 +165,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tail = rows[-4:]  # fit on the larger sizes, where the leading term dominates
     hw = [r["HW"] for r in tail]
     exps = {
-        "vanilla_time": fit_exponent(hw, [r["vanilla_s"] for r in tail]),
-        "deformable_time": fit_exponent(hw, [r["deformable_s"] for r in tail]),
-        "vanilla_memory": fit_exponent(hw, [r["vanilla_bytes"] for r in tail]),
-        "deformable_memory": fit_exponent(hw, [r["deformable_bytes"] for r in tail]),
-        "vanilla_flops": fit_exponent(hw, [r["vanilla_flops"] for r in tail]),
-        "deformable_flops": fit_exponent(hw, [r["deformable_flops"] for r in tail]),
+        "vanilla_time": fit_exponent(hw, [r["vanilla_s"] for r in tail])[0],
+        "deformable_time": fit_exponent(hw, [r["deformable_s"] for r in tail])[0],
+        "vanilla_memory": fit_exponent(hw, [r["vanilla_bytes"] for r in tail])[0],
+        "deformable_memory": fit_exponent(hw, [r["deformable_bytes"] for r in tail])[0],
+        "vanilla_flops": fit_exponent(hw, [r["vanilla_flops"] for r in tail])[0],
+        "deformable_flops": fit_exponent(hw, [r["deformable_flops"] for r in tail])[0],
     }
     print("Fitted exponents e in cost ~ (HW)^e over HW = " + ", ".join(map(str, hw)) + ":")
     for k, v in exps.items():

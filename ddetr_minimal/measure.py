@@ -165,7 +165,7 @@ def attention_entropy(attn: torch.Tensor, dim: int = -1) -> torch.Tensor:
 ATTENTION_KINDS = ("vanilla", "deformable")
 
 
-def _grid_reference_points(H: int, W: int) -> torch.Tensor:
+def grid_reference_points(H: int, W: int) -> torch.Tensor:
     """Normalised (x, y) pixel centres of an H x W map, row by row: (H*W, 2)."""
     ys, xs = torch.meshgrid((torch.arange(H) + 0.5) / H, (torch.arange(W) + 0.5) / W, indexing="ij")
     return torch.stack([xs, ys], -1).reshape(H * W, 2)  # (H*W, 2)
@@ -229,7 +229,7 @@ def _attention_cost(kind, sides, n_queries, d_model, n_heads, n_points, repeats,
             shapes = torch.tensor([[side, side]])  # (1, 2)
             start = torch.zeros(1, dtype=torch.long)  # (1,)
             if n_queries is None:
-                ref = _grid_reference_points(side, side)  # (HW, 2) every pixel is a query
+                ref = grid_reference_points(side, side)  # (HW, 2) every pixel is a query
             else:
                 ref = torch.rand(Lq, 2, generator=g)  # (Lq, 2)
             ref = ref.view(1, Lq, 1, 2)  # (1, Lq, L=1, 2)

@@ -6,12 +6,6 @@ import pytest
 from ddetr_minimal import benchmark
 
 
-def test_fit_exponent_recovers_power_laws():
-    xs = [10, 20, 40, 80]
-    assert benchmark.fit_exponent(xs, [3 * x**2 for x in xs]) == pytest.approx(2.0)
-    assert benchmark.fit_exponent(xs, [0.5 * x for x in xs]) == pytest.approx(1.0)
-
-
 def test_benchmark_writes_json_and_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "bench.json"
     args = ["--sides", "8,12,16,20,24", "--repeats", "1", "--queries", "20", "--out", str(out)]
