@@ -16,7 +16,7 @@ lets every backbone stay a plain feature extractor.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -143,12 +143,13 @@ class SmallBackbone(nn.Module):
         return features, [downsample_mask(mask, f.shape[-2:]) for f in features]
 
 
-def build_backbone(name: str = "resnet50", pretrained: bool = False, train_backbone: bool = True) -> nn.Module:
+def build_backbone(name: str = "resnet50", pretrained: bool = False, train_backbone: bool = True,
+                   small_channels: Sequence[int] = (32, 64, 128)) -> nn.Module:
     """``"resnet50"`` / ``"resnet101"`` (:class:`ResNetBackbone`) or ``"small"`` (:class:`SmallBackbone`)."""
     if name == "small":
         if pretrained:
             raise ValueError("pretrained_backbone=True needs backbone='resnet50'; the small CNN has no pretrained weights")
-        return SmallBackbone()
+        return SmallBackbone(small_channels)
     if name in ("resnet50", "resnet101"):
         return ResNetBackbone(name, pretrained=pretrained, train_backbone=train_backbone)
     raise ValueError(f"backbone must be 'resnet50', 'resnet101' or 'small', got {name!r}")

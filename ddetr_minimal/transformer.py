@@ -142,7 +142,7 @@ class DeformableDecoder(nn.Module):
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, ratios,
                 padding_mask, box_heads: Optional[Sequence[nn.Module]] = None):
-        """Run every layer; returns (hs (D, B, Q, C), references (D, B, Q, 2|4)).
+        """Run every layer; returns hs (D, B, Q, C) and ``references``, a list of D tensors (B, Q, 2|4).
 
         ``references[l]`` is the reference (normalised to the valid image) that layer ``l``
         attended around, and the one its box prediction is relative to. With ``box_heads``
@@ -167,7 +167,8 @@ class DeformableDecoder(nn.Module):
                     centre = (delta[..., :2] + inverse_sigmoid(reference_points)).sigmoid()  # (B, Q, 2)
                     new_ref = torch.cat([centre, delta[..., 2:].sigmoid()], -1)  # (B, Q, 4)
                 reference_points = new_ref.detach()
-        return torch.stack(hs), torch.stack(references)  # (D, B, Q, C), (D, B, Q, 2|4)
+        # with refinement from a 2-d start, the first reference is a point and the others boxes
+        return torch.stack(hs), references  # (D, B, Q, C), D x (B, Q, 2|4)
 
 
 class DeformableTransformer(nn.Module):
@@ -232,15 +233,18 @@ class DeformableTransformer(nn.Module):
         device = srcs[0].device
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)  # (L, 2)
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # (B, L, 2)
-        return (torch.cat(src_flat, 1), torch.cat(pos_flat, 1), torch.cat(mask_flat, 1), spatial_shapes,
-                level_start_index_from_shapes(spatial_shapes), ratios)
+        src = torch.cat(src_flat, 1)  # (B, S, C)
+        pos = torch.cat(pos_flat, 1)  # (B, S, C)
+        mask = torch.cat(mask_flat, 1)  # (B, S)
+        return src, pos, mask, spatial_shapes, level_start_index_from_shapes(spatial_shapes), ratios
 
     def encoder_proposals(self, memory, mask_flat, spatial_shapes):
         """Two-stage: one proposal per memory token, centred on its pixel, of size 0.05 * 2^l.
 
         Returns the transformed memory (B, S, C) and the proposals (B, S, 4) in
-        inverse-sigmoid space, ``+inf`` where a token is padding or its proposal reaches
-        the image border (such tokens are never selected).
+        inverse-sigmoid space, ``+inf`` where a token is padding or its proposal is outside
+        (0.01, 0.99) (a centre on the image border); the transformed memory is zero there
+        and such tokens are not selected as queries.
         """
         B = memory.shape[0]
         proposals, start = [], 0
@@ -271,7 +275,7 @@ class DeformableTransformer(nn.Module):
         query_embed: (Q, 2C) learned queries, split into (query_pos, tgt); ignored in two-stage.
         box_heads: one box MLP per decoder layer for iterative refinement, or None.
         enc_heads: (class_head, box_head) predicting proposals from the memory (two-stage).
-        Returns a dict with ``hs`` (D, B, Q, C), ``references`` (D, B, Q, 2|4), the encoder
+        Returns a dict with ``hs`` (D, B, Q, C), ``references`` (D tensors (B, Q, 2|4)), the encoder
         ``memory`` (B, S, C) with its ``spatial_shapes``, ``level_start_index``, ``mask`` and
         ``valid_ratios``, and in two-stage ``enc_logits`` (B, S, K) and ``enc_boxes_unact`` (B, S, 4).
         """
