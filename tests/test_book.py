@@ -43,8 +43,9 @@ def built_book(tmp_path_factory):
     out = tmp_path_factory.mktemp("book")
     jb = Path(sys.executable).with_name("jupyter-book")
     t0 = time.time()
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # chapters show inline figures
     proc = subprocess.run([str(jb), "build", str(ROOT), "-W", "-n", "--keep-going", "--path-output", str(out)],
-                          cwd=ROOT, capture_output=True, text=True)
+                          cwd=ROOT, capture_output=True, text=True, env=env)
     seconds = time.time() - t0
     log = proc.stdout + proc.stderr
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -62,6 +63,26 @@ def test_book_builds_every_page(built_book):
     for page in html.rglob("*.html"):
         text = page.read_text(errors="replace")
         assert "Traceback (most recent call last)" not in text, f"{page} shows a traceback"
+
+
+def test_every_figure_a_chapter_shows_is_in_the_page(built_book):
+    """Chapters that plot leave images in their executed notebook, and every one reaches the page."""
+    import nbformat
+
+    html = built_book[0]
+    executed = html.parent / "jupyter_execute"
+    for f in toc_files():
+        if not (ROOT / f"{f}.ipynb").exists():
+            continue
+        source = nbformat.read(ROOT / f"{f}.ipynb", as_version=4)
+        shows = sum(c.source.count("plt.show()") for c in source.cells if c.cell_type == "code")
+        nb = nbformat.read(executed / f"{f}.ipynb", as_version=4)
+        figures = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+        if shows:
+            assert figures > 0, f"{f}: calls plt.show() {shows} times but its executed notebook holds no image"
+        page = (html / f"{f}.html").read_text()
+        images = len(re.findall(r'<img[^>]+src="[^"]*_images/', page))
+        assert images >= figures, f"{f}: {figures} figures when executed but only {images} images in the page"
 
 
 def test_notebooks_stored_without_outputs():
