@@ -82,6 +82,17 @@ def sample_photo(size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # Cost and generic curves
 # --------------------------------------------------------------------------------------
+def _xy_pair(argument: str, label, pair, x_name: str, y_name: str):
+    """Check that ``argument[label]`` is a pair of equal-length 1-D sequences; return them as floats."""
+    if len(pair) != 2:
+        raise ValueError(f"{argument}[{label!r}] must be a pair ({x_name}, {y_name}), got {len(pair)} items")
+    x, y = (_numpy(v).astype(float) for v in pair)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"{argument}[{label!r}] needs {x_name} and {y_name} of equal 1-D shape, "
+                         f"got {x.shape} and {y.shape}")
+    return x, y
+
+
 def plot_cost_curves(series: Mapping[str, Tuple[ArrayLike, ArrayLike]], ax: Optional[Axes] = None,
                      expected: Optional[Mapping[str, float]] = None, fit_last: Optional[int] = None,
                      title: str = "Cost against feature-map size",
@@ -99,11 +110,7 @@ def plot_cost_curves(series: Mapping[str, Tuple[ArrayLike, ArrayLike]], ax: Opti
     ax = _axes(ax, figsize=(6, 4.5))
     expected = expected or {}
     for label, pair in series.items():
-        if len(pair) != 2:
-            raise ValueError(f"series[{label!r}] must be a pair (hw, values), got {len(pair)} items")
-        x, y = (_numpy(v).astype(float) for v in pair)
-        if x.shape != y.shape or x.ndim != 1:
-            raise ValueError(f"series[{label!r}] needs hw and values of equal 1-D shape, got {x.shape} and {y.shape}")
+        x, y = _xy_pair("series", label, pair, "hw", "values")
         xs, ys = (x, y) if fit_last is None else (x[-fit_last:], y[-fit_last:])
         p, c = fit_exponent(xs, ys)
         text = f"{label}: fitted exponent {p:.2f}"
@@ -624,11 +631,7 @@ def plot_metric_curves(runs: Mapping[str, Tuple[ArrayLike, ArrayLike]], ax: Opti
         raise ValueError("runs must be a non-empty mapping label -> (x, y)")
     ax = _axes(ax, figsize=(6, 4))
     for label, pair in runs.items():
-        if len(pair) != 2:
-            raise ValueError(f"runs[{label!r}] must be a pair (x, y), got {len(pair)} items")
-        x, y = (_numpy(v).astype(float) for v in pair)
-        if x.shape != y.shape or x.ndim != 1:
-            raise ValueError(f"runs[{label!r}] needs x and y of equal 1-d shape, got {x.shape} and {y.shape}")
+        x, y = _xy_pair("runs", label, pair, "x", "y")
         ax.plot(x, y, marker=marker, markersize=3, label=label)
     ax.set_title(title)
     ax.set_xlabel(xlabel)

@@ -139,7 +139,7 @@ def test_metric_curves_accept_runs_with_different_epochs():
     ax = plot_metric_curves({"a": ([1, 2, 3], [0.1, 0.2, 0.3]), "b": (np.arange(1, 11), np.linspace(0, 1, 10))})
     assert [len(line.get_xdata()) for line in ax.lines] == [3, 10]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
-    with pytest.raises(ValueError, match="equal 1-d shape"):
+    with pytest.raises(ValueError, match="equal 1-D shape"):
         plot_metric_curves({"a": ([1, 2], [0.1])})
     with pytest.raises(ValueError, match="non-empty"):
         plot_metric_curves({})

@@ -10,15 +10,9 @@ import torch.multiprocessing as mp
 
 from ddetr_minimal.criterion import SetCriterion, num_boxes_across_processes
 from ddetr_minimal.matcher import HungarianMatcher
+from conftest import giou_cxcywh
 
 
-def _giou(a, b):
-    ax1, ay1, ax2, ay2 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
-    bx1, by1, bx2, by2 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
-    inter = max(0, min(ax2, bx2) - max(ax1, bx1)) * max(0, min(ay2, by2) - max(ay1, by1))
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    hull = (max(ax2, bx2) - min(ax1, bx1)) * (max(ay2, by2) - min(ay1, by1))
-    return inter / union - (hull - union) / hull
 
 
 def _focal(x, t, alpha=0.25, gamma=2.0):
@@ -47,7 +41,7 @@ def test_focal_l1_giou_losses_match_hand_computation():
     focal = sum(_focal(logits[q][k], onehot[q][k]) for q in range(2) for k in range(2))
     assert losses["loss_ce"].item() == pytest.approx(focal, rel=1e-5)
     assert losses["loss_bbox"].item() == pytest.approx(0.05 + 0.1, rel=1e-5)
-    assert losses["loss_giou"].item() == pytest.approx(1 - _giou(PRED[0], TARGET), rel=1e-5)
+    assert losses["loss_giou"].item() == pytest.approx(1 - giou_cxcywh(PRED[0], TARGET), rel=1e-5)
     total = 2 * losses["loss_ce"] + 5 * losses["loss_bbox"] + 2 * losses["loss_giou"]
     assert crit.total_loss(losses).item() == pytest.approx(total.item())
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ddetr_minimal.matcher import HungarianMatcher
+from conftest import giou_cxcywh
 
 
 def _random_problem(seed, B=1, Q=5, K=3, n=(3,)):
@@ -39,14 +40,6 @@ def test_matching_is_the_brute_force_optimum(focal, seed):
     assert len(set(rows.tolist())) == n and sorted(cols.tolist()) == list(range(n))
 
 
-def _giou(a, b):
-    """GIoU of two (cx, cy, w, h) boxes, written out."""
-    ax1, ay1, ax2, ay2 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
-    bx1, by1, bx2, by2 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
-    inter = max(0, min(ax2, bx2) - max(ax1, bx1)) * max(0, min(ay2, by2) - max(ay1, by1))
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    hull = (max(ax2, bx2) - min(ax1, bx1)) * (max(ay2, by2) - min(ay1, by1))
-    return inter / union - (hull - union) / hull
 
 
 def test_cost_terms_match_the_formulas():
@@ -55,7 +48,7 @@ def test_cost_terms_match_the_formulas():
     logit = 0.7
     p = 1 / (1 + math.exp(-logit))
     l1 = sum(abs(x - y) for x, y in zip(pred, tgt))
-    giou = _giou(pred, tgt)
+    giou = giou_cxcywh(pred, tgt)
     focal_class = 0.25 * (1 - p) ** 2 * -math.log(p) - 0.75 * p ** 2 * -math.log(1 - p)
     logits = torch.tensor([[-3.0, logit]])
     m = HungarianMatcher(2, 5, 2, focal=True)
