@@ -77,10 +77,11 @@ def bench_encoder_scaling(sides: Sequence[int], d_model: int = 64, n_heads: int 
         lsi = level_start_index_from_shapes(shapes)
         ref = grid_reference_points(H, W).to(device).view(1, H * W, 1, 2)  # (1, HW, L=1, 2)
 
-        def run_vanilla():
+        # bind this size's tensors now: the calls are timed after the loop
+        def run_vanilla(x=x):
             return vanilla(x, x, x)[0]
 
-        def run_deform():
+        def run_deform(x=x, ref=ref, shapes=shapes, lsi=lsi):
             return deform(x, ref, x, shapes, lsi)
 
         row = {"H": H, "W": W, "HW": H * W}
@@ -140,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None, help="JSON path (default data/results/benchmark_<device>.json)")
     p.add_argument("--queries", type=int, default=500, help="queries in the backend comparison")
+    p.add_argument("--threads", type=int, default=1,
+                   help="PyTorch CPU threads while measuring (default 1: CPU time then counts work, "
+                        "not threads spinning while they wait for a busy core)")
     p.add_argument("--force", action="store_true", help="overwrite an existing JSON file")
     args = p.parse_args(argv)
 
@@ -147,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if len(sides) < 5 or any(s <= 0 for s in sides):
         p.error(f"--sides needs at least five positive sizes, got {args.sides!r}")
     device = torch.device(args.device)
+    if args.threads < 1:
+        p.error(f"--threads must be a positive integer, got {args.threads}")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was asked for, but torch.cuda.is_available() is False")
     out = args.out or os.path.join("data", "results", f"benchmark_{device.type}.json")

@@ -17,6 +17,10 @@ def test_benchmark_writes_json_and_refuses_to_overwrite(tmp_path, capsys):
     e = data["exponents"]
     assert e["vanilla_memory"] > 1.4 > 1.2 > e["deformable_memory"] > 0.8
     assert e["deformable_flops"] == pytest.approx(1.0)
+    # each size is timed on its own map: 9x the pixels costs vanilla attention far more than 3x the time
+    rows = data["encoder"]
+    assert rows[-1]["vanilla_s"] > 3 * rows[0]["vanilla_s"]
+    assert rows[-1]["deformable_s"] > rows[0]["deformable_s"]
     assert {r["backend"] for r in data["backends"]} == {"loop", "torch"}
     assert "Fitted exponents" in capsys.readouterr().out
     assert result["exponents"] == e
