@@ -118,7 +118,8 @@ def _contrasting_colour(rng: np.random.Generator, region: np.ndarray) -> np.ndar
 # --------------------------------------------------------------------------------------
 def _sample_size(rng: np.random.Generator, bucket: str, image_size: int) -> float:
     lo, hi = BUCKETS[bucket]
-    hi = min(hi, image_size * 0.6)
+    hi = min(hi, (image_size - 6) / 1.5)  # room for a rotated square inside the image
+    lo = min(lo, hi)
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
