@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from .records import write_json
 from .cupy_msda import missing
 from .msda import level_start_index_from_shapes, ms_deform_attn
 
@@ -145,7 +146,7 @@ def write_result(path: Path, data: Dict[str, object], force: bool = False) -> No
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; pass --force to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_json(path, data)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import sys
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 
 from .attention import MultiHeadAttention, attention_flops, deformable_attention_flops
 from .deformable_attention import MSDeformAttn
 from .measure import fit_exponent, grid_reference_points, median_times, saved_tensor_bytes
+from .records import write_json
 from .msda import level_start_index_from_shapes, ms_deform_attn
 
 
@@ -205,11 +205,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "exponent_fit_hw": hw,
         "backends": brows,
     }
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out)
+    write_json(out, result)
     print(f"\nwrote {out}")
     return result
 

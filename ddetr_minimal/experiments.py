@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from .records import write_json
 from .synthetic import INFO_FILE, generate
 
 AP_KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
@@ -160,13 +161,6 @@ def run_all(jobs: dict[str, list[str]], runs_dir: Path, parallel: int, threads: 
     return seconds
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def convergence(argv=None) -> dict:
     """The ``convergence`` command; returns what it wrote."""
     p = argparse.ArgumentParser(prog="python -m ddetr_minimal.experiments convergence",
@@ -273,7 +267,7 @@ def convergence(argv=None) -> dict:
     for key, path in (("convergence", args.out), ("variants", args.variants_out)):
         if key in written:
             written[key]["wall_seconds"] = wall
-            _write_json(Path(path), written[key])
+            write_json(path, written[key])
             print(f"wrote {path}", flush=True)
     if "convergence" in written:
         for key in ("summary", "summary_detr_focal"):
