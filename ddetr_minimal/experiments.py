@@ -2,17 +2,25 @@
 
 ``convergence`` trains DETR and Deformable DETR on the toy dataset with the same backbone
 (the small CNN), width, data, augmentation and learning-rate schedule (the ``toy`` preset of
-:mod:`ddetr_minimal.train`; the lr drop happens at the same epoch for both). An epoch of
+:mod:`ddetr_minimal.train`; the lr drop happens at the same epoch for both).
+
+Both start from the same pretrained backbone, as in the paper, where both start from an
+ImageNet-trained ResNet-50. Offline there are no such weights, so the command first trains the
+small CNN with :mod:`ddetr_minimal.pretrain` on a toy dataset of its own (another seed, so the
+validation images stay unseen) and hands the result to both trainings (``--pretrain-epochs 0``
+trains from scratch instead). The backbone then learns at a tenth of the transformer's learning
+rate, the paper's ratio. An epoch of
 DETR costs about a quarter of one of Deformable DETR on a CPU (its encoder sees 8x8 tokens
 instead of ~1,360), so DETR runs ``--detr-epochs`` while Deformable DETR runs the first
 ``--deformable-epochs`` of the *same* schedule: every epoch of the shorter run is exactly what a
 full-length run would have produced at that epoch. Both are evaluated with pycocotools after
 every epoch, so they are compared at the same epochs.
 
-DETR is trained twice: as published (softmax cross-entropy with a down-weighted "no object"
+DETR can be trained as published (softmax cross-entropy with a down-weighted "no object"
 class; run ``detr``) and as the paper's "DETR+" rows do (sigmoid focal loss, the loss
-Deformable DETR uses; run ``detr_focal``), so that the comparison isolates the attention
-rather than the classification loss. The claim is checked against both.
+Deformable DETR uses; run ``detr_focal``, the default), so that the comparison isolates the
+attention rather than the classification loss (``--detr-losses ce,focal`` trains both and
+checks the claim against each).
 
 The trainings run side by side (``--parallel``, one thread each). The result goes to
 ``data/results/convergence.json``: per-epoch loss, AP, AP50, AP75, AP_S, AP_M, AP_L of both,
@@ -72,14 +80,17 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def ensure_dataset(root: Path, num_train: int, num_val: int, image_size: int, seed: int) -> dict:
+def ensure_dataset(root: Path, num_train: int, num_val: int, image_size: int, seed: int,
+                   clutter: float = 1.0) -> dict:
     """Generate the toy dataset at ``root`` unless it is there; return its ``dataset_info.json``.
     An existing dataset made with other parameters is an error (never regenerated silently)."""
     info_path = root / INFO_FILE
     if not info_path.is_file():
-        generate(root, num_train, num_val, image_size, seed)
+        generate(root, num_train, num_val, image_size, seed, clutter=clutter)
     info = json.loads(info_path.read_text())
-    wanted = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
+    info.setdefault("clutter", 1.0)  # datasets written before the option existed have full clutter
+    wanted = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed,
+              "clutter": clutter}
     differs = {k: (info.get(k), v) for k, v in wanted.items() if info.get(k) != v}
     if differs:
         raise SystemExit(f"{root} holds a toy dataset made with other parameters {differs} (found, wanted); "
@@ -122,6 +133,37 @@ def summarize(detr: list[dict], deformable: list[dict]) -> dict:
         "claim_higher_AP_S_met": final_f["AP_S"] > final_d["AP_S"],
         "detr_trend": trend, "detr_trend_gain_last3_vs_prev3": gain,
     }
+
+
+def pretrain_backbone(args, runs_dir: Path) -> dict:
+    """Train the small CNN backbone once (``runs_dir/backbone.pth``) on its own toy dataset and
+    return the record of that step. An existing file is reused with --resume, replaced with
+    --force, and otherwise an error."""
+    from .pretrain import pretrain
+
+    data = Path(args.pretrain_data)
+    if data.resolve() == Path(args.data).resolve() or args.pretrain_data_seed == args.data_seed:
+        raise SystemExit("--pretrain-data must be another dataset than --data, made with another seed "
+                         "(the detectors' validation images must stay unseen)")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    weights = runs_dir / "backbone.pth"
+    record_file = runs_dir / "backbone.json"
+    if weights.exists():
+        if args.force:
+            weights.unlink()
+        elif not args.resume or not record_file.is_file():
+            raise SystemExit(f"{weights} exists from an earlier run; pass --resume to reuse it or --force to redo it")
+        else:
+            return json.loads(record_file.read_text())
+    info = ensure_dataset(data, args.pretrain_num_train, args.pretrain_num_val, args.image_size,
+                          args.pretrain_data_seed, args.clutter)
+    print(f"pretraining the backbone on {data} ({args.pretrain_epochs} epochs)", flush=True)
+    t0 = time.time()
+    record = pretrain(data, weights, epochs=args.pretrain_epochs, seed=args.seed, threads=args.parallel * args.threads,
+                      log=lambda msg: print(msg, flush=True))
+    record.update(weights=str(weights), wall_seconds=round(time.time() - t0, 1), dataset={"path": str(data), **info})
+    write_json(record_file, record)
+    return record
 
 
 def _launch(name: str, train_args: list[str], run_dir: Path, threads: int) -> subprocess.Popen:
@@ -170,17 +212,27 @@ def convergence(argv=None) -> dict:
     p.add_argument("--num-val", type=int, default=150)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--detr-epochs", type=int, default=80)
-    p.add_argument("--deformable-epochs", type=int, default=20)
-    p.add_argument("--lr-drop", type=int, default=64, help="epoch after which the lr is divided by 10 (both)")
+    p.add_argument("--clutter", type=float, default=1.0, help="background clutter of the toy images, 0 to 1")
+    p.add_argument("--pretrain-data", default="data/toy_pretrain",
+                   help="toy dataset for pretraining the backbone (generated when missing)")
+    p.add_argument("--pretrain-num-train", type=int, default=1500)
+    p.add_argument("--pretrain-num-val", type=int, default=200)
+    p.add_argument("--pretrain-data-seed", type=int, default=1)
+    p.add_argument("--pretrain-epochs", type=int, default=12,
+                   help="epochs of backbone pretraining; 0 trains both detectors' backbones from scratch")
+    p.add_argument("--lr-backbone", type=float, default=None,
+                   help="backbone learning rate (default: 2e-5 with a pretrained backbone, else the preset's)")
+    p.add_argument("--detr-epochs", type=int, default=140)
+    p.add_argument("--deformable-epochs", type=int, default=28)
+    p.add_argument("--lr-drop", type=int, default=112, help="epoch after which the lr is divided by 10 (both)")
     p.add_argument("--variants", default="", help=f"comma-separated extra Deformable DETR runs: {sorted(VARIANTS)}")
     p.add_argument("--only-variants", action="store_true", help="skip the DETR / Deformable DETR pair")
     p.add_argument("--runs-dir", default="data/runs/convergence")
     p.add_argument("--out", default="data/results/convergence.json")
     p.add_argument("--variants-out", default="data/results/variants.json")
-    p.add_argument("--detr-losses", default="ce,focal",
+    p.add_argument("--detr-losses", default="focal",
                    help="DETR runs to train: ce (as published), focal (DETR+ with the focal loss)")
-    p.add_argument("--parallel", type=int, default=3, help="trainings run at the same time")
+    p.add_argument("--parallel", type=int, default=2, help="trainings run at the same time")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per training")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--resume", action="store_true",
@@ -200,11 +252,18 @@ def convergence(argv=None) -> dict:
 
     started, t0 = datetime.datetime.now().astimezone(), time.time()
     data = Path(args.data)
-    info = ensure_dataset(data, args.num_train, args.num_val, args.image_size, args.data_seed)
+    info = ensure_dataset(data, args.num_train, args.num_val, args.image_size, args.data_seed, args.clutter)
     runs_dir = Path(args.runs_dir)
     common = ["--preset", "toy", "--data-path", str(data), "--lr-drop", str(args.lr_drop),
-              "--eval-every", "1", "--seed", str(args.seed), "--threads", str(args.threads), "--no-progress",
-              *args.train_arg]
+              "--eval-every", "1", "--seed", str(args.seed), "--threads", str(args.threads), "--no-progress"]
+    pretraining = None
+    if args.pretrain_epochs > 0:
+        pretraining = pretrain_backbone(args, runs_dir)
+        common += ["--backbone-weights", pretraining["weights"]]
+    lr_backbone = args.lr_backbone if args.lr_backbone is not None else (2e-5 if pretraining else None)
+    if lr_backbone is not None:
+        common += ["--lr-backbone", str(lr_backbone)]
+    common += args.train_arg
     if args.force:
         common.append("--force")
 
@@ -240,7 +299,7 @@ def convergence(argv=None) -> dict:
         "command": "python -m ddetr_minimal.experiments convergence " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "commit": git_commit(), "machine": machine(), "date": started.isoformat(timespec="seconds"),
         "dataset": {"path": str(data), **info}, "shared_config": shared, "threads_per_run": args.threads,
-        "runs_in_parallel": args.parallel,
+        "runs_in_parallel": args.parallel, "backbone_pretraining": pretraining,
         "note": ("AP values are fractions in [0, 1]; every run is evaluated after every epoch. "
                  "Deformable DETR runs the first deformable_epochs of the same lr schedule as DETR. "
                  "wall_seconds is this invocation's; with --resume, earlier epochs ran before it and each "

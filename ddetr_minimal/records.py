@@ -1,4 +1,5 @@
-"""Writing recorded results (the small JSON files under data/ that the book plots)."""
+"""Writing files atomically: recorded results (the small JSON files under data/ that the book
+plots) and checkpoints."""
 from __future__ import annotations
 
 import json
@@ -17,4 +18,17 @@ def write_json(path: Union[str, Path], obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def save_atomic(obj, path: Union[str, Path]) -> None:
+    """``torch.save`` to ``path.tmp``, flush it to disk, then ``os.replace`` it onto ``path``."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)

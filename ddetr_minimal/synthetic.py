@@ -82,13 +82,14 @@ def shape_mask(kind: str, cx: float, cy: float, size: float, angle: float, image
 # --------------------------------------------------------------------------------------
 # Backgrounds
 # --------------------------------------------------------------------------------------
-def _background(rng: np.random.Generator, image_size: int) -> np.ndarray:
-    """A cluttered RGB background (H, W, 3) uint8: gradient, blobs, lines."""
+def _background(rng: np.random.Generator, image_size: int, clutter: float = 1.0) -> np.ndarray:
+    """A cluttered RGB background (H, W, 3) uint8: gradient, blobs, lines. ``clutter`` in [0, 1]
+    scales the number of blobs and lines."""
     coarse = rng.uniform(40, 215, size=(3, 3, 3)).astype(np.uint8)  # (3, 3, RGB)
     img = Image.fromarray(coarse).resize((image_size, image_size), Image.BICUBIC)
     blobs = Image.new("RGB", (image_size, image_size), (0, 0, 0))
     alpha = Image.new("L", (image_size, image_size), 0)
-    for _ in range(int(rng.integers(2, 6))):  # soft irregular blobs
+    for _ in range(round(int(rng.integers(2, 6)) * clutter)):  # soft irregular blobs
         pts = rng.uniform(0, image_size, size=(int(rng.integers(4, 8)), 2))
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         ImageDraw.Draw(blobs).polygon([tuple(p) for p in pts], fill=colour)
@@ -96,7 +97,7 @@ def _background(rng: np.random.Generator, image_size: int) -> np.ndarray:
     blur = ImageFilter.GaussianBlur(radius=image_size / 24)
     img = Image.composite(blobs.filter(blur), img, alpha.filter(blur))
     draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(3, 10))):  # thin clutter lines
+    for _ in range(round(int(rng.integers(3, 10)) * clutter)):  # thin clutter lines
         x0, y0, x1, y1 = rng.uniform(-20, image_size + 20, size=4)
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         draw.line([(x0, y0), (x1, y1)], fill=colour, width=int(rng.integers(1, 4)))
@@ -123,10 +124,11 @@ def _sample_size(rng: np.random.Generator, bucket: str, image_size: int) -> floa
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
-def make_image(rng: np.random.Generator, image_size: int, max_objects: int):
+def make_image(rng: np.random.Generator, image_size: int, max_objects: int, clutter: float = 1.0):
     """Render one image; return ``(rgb (H, W, 3) uint8, objects)`` with objects as
-    ``(class_index, (x, y, w, h))`` in COCO pixel convention."""
-    rgb = _background(rng, image_size).astype(np.int16)
+    ``(class_index, (x, y, w, h))`` in COCO pixel convention. ``clutter`` in [0, 1] scales the
+    background's blobs and lines and the pixel noise (1: the full clutter, 0: a plain gradient)."""
+    rgb = _background(rng, image_size, clutter).astype(np.int16)
     n_wanted = int(rng.integers(1, max_objects + 1))
     visible: list[np.ndarray] = []  # visible mask of each placed object
     full: list[np.ndarray] = []
@@ -159,7 +161,7 @@ def make_image(rng: np.random.Generator, image_size: int, max_objects: int):
         kinds.append(kind)
         has_large |= bucket == "large"
         rgb[mask] = _contrasting_colour(rng, rgb[mask])
-    rgb = rgb + rng.normal(0, 10, size=rgb.shape)  # sensor noise over everything
+    rgb = rgb + rng.normal(0, 10 * clutter, size=rgb.shape)  # sensor noise over everything
     rgb = np.clip(rgb, 0, 255).astype(np.uint8)
     objects = []
     for kind, mask in zip(kinds, full):
@@ -173,7 +175,7 @@ def make_image(rng: np.random.Generator, image_size: int, max_objects: int):
 # The dataset on disk
 # --------------------------------------------------------------------------------------
 def _write_split(out_dir: Path, split: str, num_images: int, image_size: int, max_objects: int,
-                 seed_seq: np.random.SeedSequence, progress: bool) -> dict:
+                 seed_seq: np.random.SeedSequence, progress: bool, clutter: float = 1.0) -> dict:
     img_dir = out_dir / split
     img_dir.mkdir(parents=True)
     images, annotations = [], []
@@ -181,7 +183,7 @@ def _write_split(out_dir: Path, split: str, num_images: int, image_size: int, ma
     children = seed_seq.spawn(num_images)
     for i in tqdm(range(num_images), desc=f"toy {split}", disable=not progress, unit="img"):
         rng = np.random.default_rng(children[i])
-        rgb, objects = make_image(rng, image_size, max_objects)
+        rgb, objects = make_image(rng, image_size, max_objects, clutter)
         file_name = f"{i:06d}.jpg"
         Image.fromarray(rgb).save(img_dir / file_name, quality=92)
         images.append({"id": i + 1, "file_name": file_name, "width": image_size, "height": image_size})
@@ -209,7 +211,7 @@ def area_histogram(coco: dict) -> dict:
 
 def generate(out_dir: str | os.PathLike = "data/toy", num_train: int = 1000, num_val: int = 200,
              image_size: int = 256, seed: int = 0, max_objects: int = 5, force: bool = False,
-             progress: bool = True) -> Path:
+             progress: bool = True, clutter: float = 1.0) -> Path:
     """Write the toy dataset under ``out_dir``; return the folder.
 
     Refuses (``FileExistsError``) when ``out_dir`` exists and is not empty, unless ``force``;
@@ -220,6 +222,8 @@ def generate(out_dir: str | os.PathLike = "data/toy", num_train: int = 1000, num
                              ("max_objects", max_objects, 1), ("image_size", image_size, MIN_IMAGE_SIZE)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not isinstance(clutter, (int, float)) or isinstance(clutter, bool) or not 0.0 <= clutter <= 1.0:
+        raise ValueError(f"clutter must be a number in [0, 1], got {clutter!r}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -235,10 +239,10 @@ def generate(out_dir: str | os.PathLike = "data/toy", num_train: int = 1000, num
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     seq_train, seq_val = np.random.SeedSequence(seed).spawn(2)
-    train = _write_split(out, "train", num_train, image_size, max_objects, seq_train, progress)
-    val = _write_split(out, "val", num_val, image_size, max_objects, seq_val, progress)
+    train = _write_split(out, "train", num_train, image_size, max_objects, seq_train, progress, clutter)
+    val = _write_split(out, "val", num_val, image_size, max_objects, seq_val, progress, clutter)
     info = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed,
-            "max_objects": max_objects, "classes": list(CLASSES),
+            "max_objects": max_objects, "clutter": clutter, "classes": list(CLASSES),
             "area_histogram": {"train": area_histogram(train), "val": area_histogram(val)}}
     (out / INFO_FILE).write_text(json.dumps(info, indent=2))
     return out
@@ -253,12 +257,14 @@ def main(argv=None) -> None:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--max-objects", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clutter", type=float, default=1.0,
+                   help="background clutter and noise, 0 (plain gradient) to 1 (default, the most)")
     p.add_argument("--force", action="store_true", help="replace an existing generated dataset")
     args = p.parse_args(argv)
     try:
         out = generate(args.out, args.num_train, args.num_val, args.image_size, args.seed,
-                       args.max_objects, args.force)
-    except FileExistsError as err:
+                       args.max_objects, args.force, clutter=args.clutter)
+    except (FileExistsError, ValueError) as err:
         p.error(str(err))
     info = json.loads((out / INFO_FILE).read_text())
     print(f"wrote {out}: {info['num_train']} train, {info['num_val']} val images; "

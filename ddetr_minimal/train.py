@@ -46,6 +46,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .coco_eval import format_metrics
 from .datasets import build_dataset, collate_fn
 from .engine import evaluate, is_dist, rank, train_one_epoch
+from .pretrain import load_backbone_weights
+from .records import save_atomic
 
 CHECKPOINT = "checkpoint.pth"
 METRICS = "metrics.jsonl"
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backbone", choices=["resnet50", "resnet101", "small"])
     m.add_argument("--pretrained-backbone", dest="pretrained_backbone", action="store_true", default=None)
     m.add_argument("--no-pretrained-backbone", dest="pretrained_backbone", action="store_false")
+    m.add_argument("--backbone-weights", help="start the backbone from a file written by python -m "
+                   "ddetr_minimal.pretrain (the small CNN's analogue of ImageNet weights)")
     for name, typ in (("d_model", int), ("n_heads", int), ("enc_layers", int), ("dec_layers", int),
                       ("dim_feedforward", int), ("dropout", float), ("num_queries", int), ("n_points", int)):
         m.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
@@ -197,16 +201,6 @@ def set_rng_state(state: dict, loader_generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to ``path.tmp``, flush it to disk, then ``os.replace`` it onto ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_lines_atomic(path: Path, lines: list[str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(lines))
@@ -270,6 +264,8 @@ def main(argv=None) -> dict:
                          args.num_workers, world, False)
 
     model, criterion, postprocessor = build_model_from_args(args, train_set.num_classes)
+    if args.backbone_weights and not args.resume:  # a resumed run gets every weight from its checkpoint
+        load_backbone_weights(model.backbone, args.backbone_weights)
     model.to(device)
     criterion.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.lr_backbone, args.lr_linear_proj_mult),

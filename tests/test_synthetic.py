@@ -109,6 +109,23 @@ def test_bad_parameters():
         generate("unused", num_train=2, num_val=2, image_size=64)
     with pytest.raises(ValueError, match="num_train"):
         generate("unused", num_train=0, num_val=2)
+    with pytest.raises(ValueError, match=r"clutter must be a number in \[0, 1\], got 1.5"):
+        generate("unused", num_train=2, num_val=2, clutter=1.5)
+
+
+def _roughness(folder):
+    """Mean absolute difference between horizontally adjacent pixels over a split's images."""
+    diffs = [np.abs(np.diff(np.asarray(Image.open(p), dtype=np.float64), axis=1)).mean()
+             for p in sorted((folder / "val").glob("*.jpg"))]
+    return float(np.mean(diffs))
+
+
+def test_clutter_controls_the_background(tmp_path):
+    plain = generate(tmp_path / "plain", num_train=1, num_val=6, image_size=160, seed=5, clutter=0.0, progress=False)
+    busy = generate(tmp_path / "busy", num_train=1, num_val=6, image_size=160, seed=5, progress=False)
+    assert _roughness(plain) < 0.5 * _roughness(busy)
+    info = json.loads((plain / "dataset_info.json").read_text())
+    assert info["clutter"] == 0.0
 
 
 def test_command_line(tmp_path, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddetr_minimal import train
+from ddetr_minimal import records, train
 from ddetr_minimal.synthetic import generate
 
 # a model small enough to train a few steps in seconds on a CPU
@@ -64,8 +64,8 @@ def test_bad_flags_are_refused():
 
 def test_save_atomic_replaces_whole_file(tmp_path):
     path = tmp_path / "ckpt.pth"
-    train.save_atomic({"a": torch.arange(3)}, path)
-    train.save_atomic({"a": torch.arange(5)}, path)
+    records.save_atomic({"a": torch.arange(3)}, path)
+    records.save_atomic({"a": torch.arange(5)}, path)
     assert torch.equal(torch.load(path)["a"], torch.arange(5))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
 
@@ -154,27 +154,38 @@ def test_convergence_command_records_both_runs(tmp_path):
     tiny = [f"--train-arg={a}" for a in ("--d-model=32", "--n-heads=2", "--enc-layers=1", "--dec-layers=1",
                                          "--dim-feedforward=64", "--num-queries=8", "--n-points=2",
                                          "--batch-size=2", "--device=cpu")]
+    pre = ["--pretrain-data", str(tmp_path / "pre"), "--pretrain-num-train", "4", "--pretrain-num-val", "2",
+           "--pretrain-epochs", "1"]
     experiments.convergence(["--data", str(tmp_path / "toy"), "--num-train", "4", "--num-val", "3",
                              "--image-size", "160", "--detr-epochs", "2", "--deformable-epochs", "1",
-                             "--lr-drop", "2", "--runs-dir", str(tmp_path / "runs"), "--out", str(out), *tiny])
+                             "--lr-drop", "2", "--runs-dir", str(tmp_path / "runs"), "--out", str(out),
+                             "--detr-losses", "ce,focal", *pre, *tiny])
     result = json.loads(out.read_text())
-    assert {"command", "commit", "machine", "date", "wall_seconds", "summary"} <= set(result)
+    assert {"command", "commit", "machine", "date", "wall_seconds", "summary", "backbone_pretraining"} <= set(result)
     assert [r["epoch"] for r in result["runs"]["detr"]["curve"]] == [1, 2]
     assert [r["epoch"] for r in result["runs"]["deformable"]["curve"]] == [1]
     assert [r["epoch"] for r in result["runs"]["detr_focal"]["curve"]] == [1, 2]
     assert "--detr-focal" in result["runs"]["detr_focal"]["train_args"]
     assert result["summary"]["detr_run"] == "detr" and result["summary_detr_focal"]["detr_run"] == "detr_focal"
+    # every run starts from the same pretrained backbone, trained at a tenth of the lr
+    weights = result["backbone_pretraining"]["weights"]
+    assert result["backbone_pretraining"]["dataset"]["seed"] == 1 and len(result["backbone_pretraining"]["history"]) == 1
     for run in result["runs"].values():
+        a = run["train_args"]
+        assert a[a.index("--backbone-weights") + 1] == weights and a[a.index("--lr-backbone") + 1] == "2e-05"
         for row in run["curve"]:
             assert all(k in row for k in ("loss", "AP", "AP_S", "AP_M", "AP_L"))
     assert result["shared_config"]["d_model"] == 32 and result["dataset"]["num_train"] == 4
     args = ["--data", str(tmp_path / "toy"), "--num-train", "4", "--num-val", "3", "--image-size", "160",
-            "--detr-epochs", "2", "--deformable-epochs", "1", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]
+            "--detr-epochs", "2", "--deformable-epochs", "1", "--runs-dir", str(tmp_path / "runs"), "--out", str(out),
+            "--detr-losses", "ce,focal", *pre]
     with pytest.raises(SystemExit):  # the runs exist: neither --resume nor --force
         experiments.convergence([*args, *tiny])
     # --resume reads the finished runs and trains only what is missing (here a variant)
+    weights_bytes = Path(weights).read_bytes()
     experiments.convergence([*args, *tiny, "--resume", "--variants", "refine",
                              "--variants-out", str(tmp_path / "results" / "variants.json")])
+    assert Path(weights).read_bytes() == weights_bytes  # the pretrained backbone is reused, not retrained
     again = json.loads(out.read_text())
     assert again["runs"]["detr"]["curve"] == result["runs"]["detr"]["curve"]
     variants = json.loads((tmp_path / "results" / "variants.json").read_text())
@@ -182,3 +193,6 @@ def test_convergence_command_records_both_runs(tmp_path):
     assert "--with-box-refine" in variants["runs"]["deformable_refine"]["train_args"]
     with pytest.raises(SystemExit):  # a dataset made with other parameters is never reused silently
         experiments.convergence([*args[:3], "5", *args[4:], *tiny])
+    with pytest.raises(SystemExit, match="another seed"):  # pretraining on the evaluation data is refused
+        experiments.convergence([*args, *tiny, "--force", "--pretrain-data-seed", "0",
+                                 "--pretrain-data", str(tmp_path / "pre0")])
