@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 
 def write_json(path: Union[str, Path], obj: dict) -> None:
@@ -32,3 +33,32 @@ def save_atomic(obj, path: Union[str, Path]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# where the book's recorded results live online (used when the repository is not checked out, as in Colab)
+RESULTS_URL = "https://raw.githubusercontent.com/ddetr-minimal/deformable-detr-book/main/data/results/"
+
+
+def load_result(name: str, start: Union[str, Path, None] = None, online: Optional[bool] = None) -> Optional[dict]:
+    """A recorded result ``data/results/<name>``, or None while it is not recorded.
+
+    Looks in ``start`` (default: the working directory) and its parents, so a chapter finds the
+    repository's results from ``book/``. ``online`` (default: only in Colab, where the package is
+    installed without the repository's data) also tries :data:`RESULTS_URL`.
+    """
+    here = Path.cwd() if start is None else Path(start)
+    for folder in (here, *here.parents):
+        path = folder / "data" / "results" / name
+        if path.is_file():
+            return json.loads(path.read_text())
+    if online is None:
+        online = "google.colab" in sys.modules
+    if online:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(RESULTS_URL + name, timeout=20) as response:
+                return json.loads(response.read())
+        except (OSError, ValueError):
+            return None
+    return None

@@ -5,6 +5,7 @@ object gets a random colour, and every image a random background made of a smoot
 gradient, random lines, soft blobs and pixel noise. Objects may overlap (each annotated object
 stays at least ``1 - MAX_OCCLUDED`` visible) and their sizes are drawn per COCO area bucket,
 so small (< 32^2 px), medium and large (> 96^2 px) objects are all well represented.
+``clutter`` (0 to 1, default 1) scales the background's blobs, lines and noise.
 
 Layout written under ``out_dir`` (the COCO 2017 layout, with shorter names)::
 

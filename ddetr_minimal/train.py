@@ -21,6 +21,9 @@ What lands in ``--output-dir``:
   optimizer, scheduler, gradient scaler, the number of finished epochs and every random
   state (torch, CUDA, numpy, Python, the data loader's generator; one set per rank).
 
+``--backbone-weights FILE`` starts the backbone from :mod:`ddetr_minimal.pretrain`'s output
+(the toy experiments' stand-in for ImageNet weights); ``--lr-backbone`` sets its learning rate.
+
 ``--resume`` continues from ``checkpoint.pth`` exactly where it stopped (on a CPU the weights
 after 1 + 1 resumed epochs equal those after 2 straight ones). An output folder that already
 holds a checkpoint or metrics is never overwritten unless ``--resume`` or ``--force``.

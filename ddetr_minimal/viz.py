@@ -669,3 +669,21 @@ def plot_bars(values: Mapping[str, float], ax: Optional[Axes] = None, title: str
         ax.set_ylim(0, max(v) * 1.2 if max(v) > 0 else 1)
     ax.set_title(title)
     return ax
+
+
+def show_table(header, rows) -> None:
+    """Display ``rows`` under ``header`` as an HTML table in a notebook; cells may use `code`
+    and **bold** as in Markdown (everything else is escaped)."""
+    import html
+    import re
+
+    from IPython.display import HTML, display
+
+    def cell(value):
+        text = html.escape(str(value))
+        text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+        return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+
+    head = "".join(f"<th>{cell(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    display(HTML(f'<table class="table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'))
