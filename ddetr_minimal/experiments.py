@@ -250,7 +250,7 @@ def convergence(argv=None) -> dict:
     if args.deformable_epochs > args.detr_epochs:
         p.error("--deformable-epochs must not exceed --detr-epochs")
 
-    started, t0 = datetime.datetime.now().astimezone(), time.time()
+    started, t0, commit = datetime.datetime.now().astimezone(), time.time(), git_commit()  # the code that runs
     data = Path(args.data)
     info = ensure_dataset(data, args.num_train, args.num_val, args.image_size, args.data_seed, args.clutter)
     runs_dir = Path(args.runs_dir)
@@ -297,7 +297,7 @@ def convergence(argv=None) -> dict:
                                      "lr_drop", "seed", "image_size")}
     header = {
         "command": "python -m ddetr_minimal.experiments convergence " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "commit": git_commit(), "machine": machine(), "date": started.isoformat(timespec="seconds"),
+        "commit": commit, "machine": machine(), "date": started.isoformat(timespec="seconds"),
         "dataset": {"path": str(data), **info}, "shared_config": shared, "threads_per_run": args.threads,
         "runs_in_parallel": args.parallel, "backbone_pretraining": pretraining,
         "note": ("AP values are fractions in [0, 1]; every run is evaluated after every epoch. "
