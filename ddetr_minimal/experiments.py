@@ -296,7 +296,8 @@ def convergence(argv=None) -> dict:
                                      "lr_linear_proj_mult", "weight_decay", "clip_max_norm", "batch_size",
                                      "lr_drop", "seed", "image_size")}
     header = {
-        "command": "python -m ddetr_minimal.experiments convergence " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", "-m", "ddetr_minimal.experiments", "convergence",
+                                *(argv if argv is not None else sys.argv[1:])]),
         "commit": commit, "machine": machine(), "date": started.isoformat(timespec="seconds"),
         "dataset": {"path": str(data), **info}, "shared_config": shared, "threads_per_run": args.threads,
         "runs_in_parallel": args.parallel, "backbone_pretraining": pretraining,
