@@ -36,7 +36,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
-	$(PY) -m ddetr_minimal.benchmark
+	$(PY) -m ddetr_minimal benchmark
 
 clean:
 	rm -rf _build

@@ -1,52 +1,28 @@
 """ddetr_minimal: a small, readable Deformable DETR (Zhu et al., ICLR 2021).
 
-One concept per module; the book's chapters import them. See the README for the map.
+The sub-packages follow the order in which data flows and the book teaches:
+
+* :mod:`ddetr_minimal.ops` -- the op ``ms_deform_attn``: its input checks, the ``loop`` and
+  ``torch`` backends, the CuPy kernel wrapper and the kernel's CPU emulation (chapters 2-4);
+* :mod:`ddetr_minimal.models` -- attention modules, position encoding, backbones, the
+  deformable transformer, Deformable DETR and DETR, matcher, criterion, post-processing,
+  :func:`build_model` and :func:`load_released` (chapters 1-3, 5, 6, 8);
+* :mod:`ddetr_minimal.datasets` -- the toy generator, COCO-layout loading, transforms and COCO
+  evaluation (chapter 7);
+* :mod:`ddetr_minimal.training` -- the training engine, the command lines, backbone pretraining and
+  the recorded experiments (chapters 7, 8);
+* :mod:`ddetr_minimal.measure` -- timing, memory, cost counters and fits, provenance of records,
+  the benchmarks (chapters 1, 2, 4, 9);
+* :mod:`ddetr_minimal.viz` -- the plots, one module per topic (every chapter).
+
+Commands: ``python -m ddetr_minimal <command>`` (``python -m ddetr_minimal --help`` lists them).
 """
-from .attention import (
-    MultiHeadAttention,
-    attention_flops,
-    attention_memory,
-    deformable_attention_flops,
-    deformable_attention_memory,
-    scaled_dot_product_attention,
-)
-from .backbone import ResNetBackbone, SmallBackbone, build_backbone
-from .build import build_model
-from .criterion import SetCriterion
-from .deformable_attention import MSDeformAttn
-from .deformable_detr import DeformableDETR
-from .detr import DETR
-from .matcher import HungarianMatcher
-from .position_encoding import PositionEmbeddingSine
-from .postprocess import PostProcess, to_coco_detections
-from .pretrained import RELEASES, load_released
-from .msda import BACKENDS, check_inputs, level_start_index_from_shapes, ms_deform_attn
+from .models.build import build_model
+from .models.deformable_attention import MSDeformAttn
+from .models.released import load_released
+from .ops.checks import level_start_index_from_shapes
+from .ops.msda import ms_deform_attn
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = [
-    "BACKENDS",
-    "DETR",
-    "DeformableDETR",
-    "HungarianMatcher",
-    "PositionEmbeddingSine",
-    "PostProcess",
-    "RELEASES",
-    "ResNetBackbone",
-    "SetCriterion",
-    "SmallBackbone",
-    "build_backbone",
-    "build_model",
-    "load_released",
-    "to_coco_detections",
-    "MSDeformAttn",
-    "MultiHeadAttention",
-    "attention_flops",
-    "attention_memory",
-    "check_inputs",
-    "deformable_attention_flops",
-    "deformable_attention_memory",
-    "level_start_index_from_shapes",
-    "ms_deform_attn",
-    "scaled_dot_product_attention",
-]
+__all__ = ["ms_deform_attn", "level_start_index_from_shapes", "MSDeformAttn", "build_model", "load_released"]

@@ -6,7 +6,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest
 import torch
 
-from ddetr_minimal.msda import level_start_index_from_shapes
+from ddetr_minimal.ops.checks import level_start_index_from_shapes
 
 
 def make_op_inputs(shapes, N=2, Lq=5, M=2, D=3, P=2, dtype=torch.float64, lo=-0.2, hi=1.2,

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from ddetr_minimal import (MultiHeadAttention, attention_flops, attention_memory,
-                           deformable_attention_flops, deformable_attention_memory)
+from ddetr_minimal.models.attention import MultiHeadAttention
+from ddetr_minimal.measure.cost import attention_flops, deformable_attention_flops
+from ddetr_minimal.measure.memory import attention_memory, deformable_attention_memory
 
 
 def test_matches_torch_multihead_attention():

@@ -8,9 +8,9 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from ddetr_minimal.backbone import ResNetBackbone, SmallBackbone, build_backbone
-from ddetr_minimal.build import build_model
-from ddetr_minimal.position_encoding import PositionEmbeddingSine, sine_embed_boxes
+from ddetr_minimal.models.backbone import ResNetBackbone, SmallBackbone, build_backbone
+from ddetr_minimal.models.build import build_model
+from ddetr_minimal.models.position_encoding import PositionEmbeddingSine, sine_embed_boxes
 
 
 def _padded_batch(h=96, w=128, valid=((96, 128), (64, 70))):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from ddetr_minimal import MSDeformAttn, MultiHeadAttention, ms_deform_attn
+from ddetr_minimal import MSDeformAttn, ms_deform_attn
+from ddetr_minimal.models.attention import MultiHeadAttention
 from conftest import make_op_inputs
 
 SHAPES = [(4, 5), (2, 3)]  # S = 26

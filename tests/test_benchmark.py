@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from ddetr_minimal import benchmark
+from ddetr_minimal.measure import benchmark
 
 
 def test_benchmark_writes_json_and_refuses_to_overwrite(tmp_path, capsys):
@@ -11,7 +11,7 @@ def test_benchmark_writes_json_and_refuses_to_overwrite(tmp_path, capsys):
     args = ["--sides", "8,12,16,20,24", "--repeats", "1", "--queries", "20", "--out", str(out)]
     result = benchmark.main(args)
     data = json.loads(out.read_text())
-    assert data["command"].startswith("python -m ddetr_minimal.benchmark")
+    assert data["command"].startswith("python -m ddetr_minimal benchmark")
     assert [r["HW"] for r in data["encoder"]] == [64, 144, 256, 400, 576]
     # memory held for backward: the attention matrices make vanilla grow faster than deformable
     e = data["exponents"]

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from ddetr_minimal.viz import plot_bars, plot_cost_matrix, plot_matching, plot_metric_curves  # noqa: E402
+from ddetr_minimal.viz.curves import plot_bars, plot_metric_curves
+from ddetr_minimal.viz.detection import plot_cost_matrix, plot_matching  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = ["ch05_model", "ch06_matching_losses", "ch07_training", "ch08_refinement_two_stage", "ch09_limitations"]

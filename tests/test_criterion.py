@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ddetr_minimal.criterion import SetCriterion, num_boxes_across_processes
-from ddetr_minimal.matcher import HungarianMatcher
+from ddetr_minimal.models.criterion import SetCriterion, num_boxes_across_processes
+from ddetr_minimal.models.matcher import HungarianMatcher
 from conftest import giou_cxcywh
 
 

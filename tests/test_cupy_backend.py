@@ -6,8 +6,10 @@ import types
 import pytest
 import torch
 
-from ddetr_minimal import bench_kernel, cupy_msda
-from ddetr_minimal.msda import level_start_index_from_shapes, ms_deform_attn, resolve_backend
+from ddetr_minimal.measure import bench_kernel
+from ddetr_minimal.ops import cupy_kernel
+from ddetr_minimal.ops.checks import level_start_index_from_shapes
+from ddetr_minimal.ops.msda import ms_deform_attn, resolve_backend
 
 
 def small_inputs(device="cpu"):
@@ -22,9 +24,9 @@ def small_inputs(device="cpu"):
 @pytest.fixture(autouse=True)
 def fresh_availability():
     """is_available() caches its answer; every test here starts and ends without it."""
-    cupy_msda.is_available.cache_clear()
+    cupy_kernel.is_available.cache_clear()
     yield
-    cupy_msda.is_available.cache_clear()
+    cupy_kernel.is_available.cache_clear()
 
 
 @pytest.fixture
@@ -34,27 +36,27 @@ def without_cupy(monkeypatch):
 
 
 def test_cupy_backend_without_cupy_says_how_to_install(without_cupy):
-    assert cupy_msda.is_available() is False
-    with pytest.raises(cupy_msda.CupyUnavailableError, match=r"pip install cupy-cuda12x"):
+    assert cupy_kernel.is_available() is False
+    with pytest.raises(cupy_kernel.CupyUnavailableError, match=r"pip install cupy-cuda12x"):
         ms_deform_attn(*small_inputs(), backend="cupy")
 
 
 def test_cupy_backend_without_gpu_says_so(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(cupy_msda.CupyUnavailableError, match=r"no CUDA GPU.*backend='torch'"):
+    with pytest.raises(cupy_kernel.CupyUnavailableError, match=r"no CUDA GPU.*backend='torch'"):
         ms_deform_attn(*small_inputs(), backend="cupy")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU; tests/test_gpu.py covers it")
 def test_cupy_backend_raises_the_helpful_error_on_this_machine():
-    with pytest.raises(cupy_msda.CupyUnavailableError) as info:
+    with pytest.raises(cupy_kernel.CupyUnavailableError) as info:
         ms_deform_attn(*small_inputs(), backend="cupy")
     assert "backend='cupy' cannot run here" in str(info.value)
     assert "torch.cuda.is_available() is False" in str(info.value)
 
 
 def test_cupy_backend_rejects_cpu_tensors_even_when_cupy_works(monkeypatch):
-    monkeypatch.setattr(cupy_msda, "missing", lambda: [])
+    monkeypatch.setattr(cupy_kernel, "missing", lambda: [])
     with pytest.raises(ValueError, match=r"needs CUDA tensors.*on cpu"):
         ms_deform_attn(*small_inputs(), backend="cupy")
 
@@ -66,8 +68,8 @@ def test_is_available_never_raises(monkeypatch):
     fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=broken)))
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert cupy_msda.is_available() is False
-    assert any("driver too old" in p for p in cupy_msda.missing())
+    assert cupy_kernel.is_available() is False
+    assert any("driver too old" in p for p in cupy_kernel.missing())
 
 
 @pytest.fixture
@@ -86,27 +88,27 @@ def test_import_does_not_need_cupy(without_cupy, reimported_package):
     pkg = importlib.import_module("ddetr_minimal")
     out = pkg.ms_deform_attn(*small_inputs(), backend="auto")  # works, on the torch backend
     assert out.shape == (2, 5, 8)
-    assert importlib.import_module("ddetr_minimal.cupy_msda").is_available() is False
-    importlib.import_module("ddetr_minimal.kernel_emulation")  # the CPU emulation does not need CuPy either
-    importlib.import_module("ddetr_minimal.bench_kernel")
+    assert importlib.import_module("ddetr_minimal.ops.cupy_kernel").is_available() is False
+    importlib.import_module("ddetr_minimal.ops.emulation")  # the CPU emulation does not need CuPy either
+    importlib.import_module("ddetr_minimal.measure.bench_kernel")
 
 
 def test_auto_picks_torch_for_cpu_tensors(monkeypatch):
     inputs = small_inputs()
-    monkeypatch.setattr(cupy_msda, "is_available", lambda: True)  # even when the kernel could run
+    monkeypatch.setattr(cupy_kernel, "is_available", lambda: True)  # even when the kernel could run
     assert resolve_backend("auto", inputs[0]) == "torch"
     torch.testing.assert_close(ms_deform_attn(*inputs, backend="auto"), ms_deform_attn(*inputs, backend="torch"),
                                rtol=0, atol=0)
 
 
 def test_kernel_names_reject_unsupported_dtypes():
-    assert cupy_msda.kernel_names(torch.float16) == ("msda_forward<half_t>", "msda_backward<half_t>")
+    assert cupy_kernel.kernel_names(torch.float16) == ("msda_forward<half_t>", "msda_backward<half_t>")
     with pytest.raises(TypeError, match="torch.int32"):
-        cupy_msda.kernel_names(torch.int32)
+        cupy_kernel.kernel_names(torch.int32)
 
 
 def test_kernel_source_comes_from_the_installed_package():
-    src = cupy_msda.kernel_source()
+    src = cupy_kernel.kernel_source()
     assert "__global__ void msda_forward" in src and "__global__ void msda_backward" in src
 
 

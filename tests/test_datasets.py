@@ -8,9 +8,14 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from ddetr_minimal.datasets import CocoDetection, build_dataset, collate_fn
-from ddetr_minimal.synthetic import generate
-from ddetr_minimal.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomSizeCrop, make_transforms
+from ddetr_minimal.datasets.coco import CocoDetection, build_dataset, collate_fn
+from ddetr_minimal.datasets.synthetic import generate
+from ddetr_minimal.datasets.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RandomSizeCrop,
+    make_transforms,
+)
 
 
 def _write(tmp_path, annotations, images=None, make_files=True):
@@ -80,7 +85,7 @@ def test_degenerate_boxes_are_dropped_with_a_warning(tmp_path, caplog):
     anns = [_ann(1, 1, 3, [5, 5, 0, 10]), _ann(2, 1, 7, [5, 5, 10, -3]), _ann(3, 1, 11, [5, 5, 10, 10]),
             _ann(4, 1, 3, [59.9999, 5, 4, 4])]  # the last one is empty once clipped
     folder, ann = _write(tmp_path, anns)
-    with caplog.at_level(logging.WARNING, logger="ddetr_minimal.datasets"):
+    with caplog.at_level(logging.WARNING, logger="ddetr_minimal.datasets.coco"):
         ds = CocoDetection(folder, ann)
     _, target = ds[0]
     assert target["labels"].tolist() == [2]

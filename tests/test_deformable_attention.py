@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ddetr_minimal import MSDeformAttn
-from ddetr_minimal.msda import level_start_index_from_shapes
+from ddetr_minimal.ops.checks import level_start_index_from_shapes
 
 SHAPES = torch.tensor([[8, 10], [4, 5], [2, 3], [1, 1]])  # (L, 2)
 LSI = level_start_index_from_shapes(SHAPES)

@@ -7,9 +7,14 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from ddetr_minimal import evaluate, train
-from ddetr_minimal.coco_eval import METRIC_NAMES, coco_box_metrics, format_metrics, to_coco_results
-from ddetr_minimal.synthetic import generate
+from ddetr_minimal.training import evaluate, train
+from ddetr_minimal.datasets.coco_eval import (
+    METRIC_NAMES,
+    coco_box_metrics,
+    format_metrics,
+    to_coco_results,
+)
+from ddetr_minimal.datasets.synthetic import generate
 
 
 def _gt(tmp_path):

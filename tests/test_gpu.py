@@ -12,11 +12,13 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False", allow_module_level=True)
 
-from ddetr_minimal import MSDeformAttn, cupy_msda  # noqa: E402
-from ddetr_minimal.msda import level_start_index_from_shapes, ms_deform_attn, resolve_backend  # noqa: E402
+from ddetr_minimal import MSDeformAttn
+from ddetr_minimal.ops import cupy_kernel  # noqa: E402
+from ddetr_minimal.ops.checks import level_start_index_from_shapes
+from ddetr_minimal.ops.msda import ms_deform_attn, resolve_backend  # noqa: E402
 
-if not cupy_msda.is_available():
-    pytest.skip("the CuPy kernel cannot run here: " + "; ".join(cupy_msda.missing()), allow_module_level=True)
+if not cupy_kernel.is_available():
+    pytest.skip("the CuPy kernel cannot run here: " + "; ".join(cupy_kernel.missing()), allow_module_level=True)
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
@@ -142,10 +144,10 @@ def test_auto_picks_the_kernel_for_cuda_tensors():
 def test_compiles_once_per_dtype_and_runs_on_the_current_stream():
     inputs = make_inputs(2, 2, 8, 5, [(4, 3)], 2, dtype=torch.float32)
     ms_deform_attn(*inputs, backend="cupy")
-    before = cupy_msda._module.cache_info()
+    before = cupy_kernel._module.cache_info()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         out = ms_deform_attn(*inputs, backend="cupy")
     stream.synchronize()
-    assert cupy_msda._module.cache_info().misses == before.misses  # no new compilation
+    assert cupy_kernel._module.cache_info().misses == before.misses  # no new compilation
     torch.testing.assert_close(out, ms_deform_attn(*inputs, backend="torch"))

@@ -2,7 +2,7 @@
 
 kernels/msda.cu is compiled once per test session by g++ through
 kernels/cuda_host_emulation.h; ``ms_deform_attn_emulated`` then runs the very launch code
-of the GPU wrapper (ddetr_minimal.cupy_msda) with a CPU launcher.
+of the GPU wrapper (ddetr_minimal.ops.cupy_kernel) with a CPU launcher.
 """
 import textwrap
 
@@ -11,9 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ddetr_minimal import kernel_emulation
-from ddetr_minimal.kernel_emulation import build, launch, load, ms_deform_attn_emulated
-from ddetr_minimal.msda import level_start_index_from_shapes, ms_deform_attn
+from ddetr_minimal.ops import emulation
+from ddetr_minimal.ops.emulation import build, launch, load, ms_deform_attn_emulated
+from ddetr_minimal.ops.checks import level_start_index_from_shapes
+from ddetr_minimal.ops.msda import ms_deform_attn
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -230,7 +231,7 @@ def test_header_reports_a_shuffle_with_missing_lanes(header_kernels):
 def test_build_reuses_the_cache_and_rebuilds_when_the_source_changes(header_kernels, tmp_path):
     source, _ = header_kernels
     first = build(source)
-    assert first.parent == kernel_emulation.default_cache_dir() and first.is_file()
+    assert first.parent == emulation.default_cache_dir() and first.is_file()
     mtime = first.stat().st_mtime_ns
     assert build(source) == first and first.stat().st_mtime_ns == mtime  # unchanged: not recompiled
     edited = tmp_path / source.name

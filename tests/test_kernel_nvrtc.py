@@ -2,7 +2,7 @@
 
 The CPU emulation cannot see code that only the GPU compiles (the half-precision PTX,
 the shuffle and atomic overloads), so a syntax or type error there is caught here, with
-the exact source and options that ``ddetr_minimal.cupy_msda`` hands to CuPy.
+the exact source and options that ``ddetr_minimal.ops.cupy_kernel`` hands to CuPy.
 
 CuPy is in requirements.txt, so if CuPy is installed but NVRTC cannot be loaded these
 tests FAIL; they are skipped only when CuPy itself is not installed.
@@ -16,7 +16,7 @@ if importlib.util.find_spec("cupy") is None:
     pytest.skip("CuPy is not installed (pip install cupy-cuda12x): no NVRTC to compile the kernels with",
                 allow_module_level=True)
 
-from ddetr_minimal.cupy_msda import COMPILE_OPTIONS, KERNEL_TYPES, kernel_names, kernel_source  # noqa: E402
+from ddetr_minimal.ops.cupy_kernel import COMPILE_OPTIONS, KERNEL_TYPES, kernel_names, kernel_source  # noqa: E402
 
 ARCHS = ("compute_80", "sm_80", "compute_90", "sm_90")  # PTX and machine code (cubin) for each
 DTYPES = list(KERNEL_TYPES)

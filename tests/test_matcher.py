@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddetr_minimal.matcher import HungarianMatcher
+from ddetr_minimal.models.matcher import HungarianMatcher
 from conftest import giou_cxcywh
 
 

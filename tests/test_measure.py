@@ -5,8 +5,9 @@ import time
 import pytest
 import torch
 
-from ddetr_minimal.measure import (attention_cost, attention_entropy, median_time, median_times,
-                                   saved_tensor_bytes)
+from ddetr_minimal.measure.cost import attention_cost, attention_entropy
+from ddetr_minimal.measure.timing import median_time, median_times
+from ddetr_minimal.measure.memory import saved_tensor_bytes
 
 
 def test_median_time_wall_clock_counts_sleep_and_cpu_clock_does_not():

@@ -3,9 +3,13 @@ reference points, padding, parameter counts and argument checks."""
 import pytest
 import torch
 
-from ddetr_minimal.build import build_model
-from ddetr_minimal.deformable_attention import MSDeformAttn
-from ddetr_minimal.transformer import DeformableTransformer, encoder_reference_points, valid_ratios
+from ddetr_minimal.models.build import build_model
+from ddetr_minimal.models.deformable_attention import MSDeformAttn
+from ddetr_minimal.models.transformer import (
+    DeformableTransformer,
+    encoder_reference_points,
+    valid_ratios,
+)
 
 TINY = dict(backbone="small", d_model=32, n_heads=4, enc_layers=2, dec_layers=3, dim_feedforward=64,
             num_queries=7, dropout=0.0)

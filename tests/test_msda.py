@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ddetr_minimal import ms_deform_attn
-from ddetr_minimal.msda import bilinear_sample, level_start_index_from_shapes
+from ddetr_minimal.ops.reference import bilinear_sample
+from ddetr_minimal.ops.checks import level_start_index_from_shapes
 from conftest import make_op_inputs
 
 BACKENDS = ("loop", "torch")

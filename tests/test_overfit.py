@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
-from ddetr_minimal.build import build_model
+from ddetr_minimal.models.build import build_model
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)

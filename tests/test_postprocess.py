@@ -7,7 +7,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ddetr_minimal.postprocess import PostProcess, to_coco_detections
+from ddetr_minimal.models.postprocess import PostProcess, to_coco_detections
 
 
 def test_topk_over_queries_and_classes():

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from ddetr_minimal import pretrain, train
-from ddetr_minimal.backbone import SmallBackbone
-from ddetr_minimal.synthetic import generate
+from ddetr_minimal.training import pretrain, train
+from ddetr_minimal.models.backbone import SmallBackbone
+from ddetr_minimal.datasets.synthetic import generate
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddetr_minimal import pretrained
-from ddetr_minimal.build import build_model
-from ddetr_minimal.deformable_attention import MSDeformAttn
-from ddetr_minimal.pretrained import (RELEASES, load_official_state_dict, load_released, official_to_ours,
-                                      ours_to_official, read_checkpoint)
+from ddetr_minimal.models import released
+from ddetr_minimal.models.build import build_model
+from ddetr_minimal.models.deformable_attention import MSDeformAttn
+from ddetr_minimal.models.released import (
+    RELEASES,
+    load_official_state_dict,
+    load_released,
+    official_to_ours,
+    ours_to_official,
+    read_checkpoint,
+)
 
 TINY = dict(backbone="small", d_model=32, n_heads=4, enc_layers=2, dec_layers=2, dim_feedforward=64,
             num_queries=6, dropout=0.0)
@@ -259,14 +265,14 @@ def test_download_only_when_called_and_never_overwrites(tmp_path, monkeypatch):
             f.write(b"PK\x03\x04 checkpoint bytes")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake)
-    path = pretrained.download_released("deformable_detr_refine", cache_dir=str(tmp_path))
+    path = released.download_released("deformable_detr_refine", cache_dir=str(tmp_path))
     assert calls == [RELEASES["deformable_detr_refine"].url] and "1JYKyRYzUH7uo9eVfDaVCiaIGZb5YTCuI" in calls[0]
     with open(path, "wb") as f:
         f.write(b"my own file")
-    assert pretrained.download_released("deformable_detr_refine", cache_dir=str(tmp_path)) == path
+    assert released.download_released("deformable_detr_refine", cache_dir=str(tmp_path)) == path
     assert len(calls) == 1 and open(path, "rb").read() == b"my own file"
     with pytest.raises(ValueError, match="name must be one of"):
-        pretrained.download_released("deformable_detr_r101", cache_dir=str(tmp_path))
+        released.download_released("deformable_detr_r101", cache_dir=str(tmp_path))
 
 
 def test_download_failures_say_what_to_do(tmp_path, monkeypatch):
@@ -277,7 +283,7 @@ def test_download_failures_say_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", html)
     page = RELEASES["deformable_detr"].page_url
     with pytest.raises(RuntimeError, match="sent a web page") as info:
-        pretrained.download_released("deformable_detr", cache_dir=str(tmp_path))
+        released.download_released("deformable_detr", cache_dir=str(tmp_path))
     assert page in str(info.value) and list(tmp_path.iterdir()) == []  # the partial file is gone
 
     def offline(url, dst, progress=True):
@@ -285,5 +291,5 @@ def test_download_failures_say_what_to_do(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(RuntimeError, match="could not download deformable_detr") as info:
-        pretrained.download_released("deformable_detr", cache_dir=str(tmp_path))
+        released.download_released("deformable_detr", cache_dir=str(tmp_path))
     assert page in str(info.value) and "path=<file>" in str(info.value)

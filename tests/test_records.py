@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from ddetr_minimal import records
+from ddetr_minimal.measure import records
 
 
 def test_write_json_then_load_result_from_a_subfolder(tmp_path):

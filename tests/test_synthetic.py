@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddetr_minimal import synthetic
-from ddetr_minimal.synthetic import CLASSES, area_histogram, generate, shape_mask
+from ddetr_minimal.datasets import synthetic
+from ddetr_minimal.datasets.synthetic import CLASSES, area_histogram, generate, shape_mask
 
 
 def _digest(folder):

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddetr_minimal import records, train
-from ddetr_minimal.synthetic import generate
+from ddetr_minimal.measure import records
+from ddetr_minimal.training import train
+from ddetr_minimal.datasets.synthetic import generate
 
 # a model small enough to train a few steps in seconds on a CPU
 TINY = ["--d-model", "32", "--n-heads", "2", "--enc-layers", "1", "--dec-layers", "1",
@@ -29,7 +30,7 @@ def _args(toy, out, model="deformable", *extra):
 
 
 def test_param_groups_slow_down_offsets_and_reference_points():
-    from ddetr_minimal.build import build_model
+    from ddetr_minimal.models.build import build_model
 
     model, _, _ = build_model("deformable", num_classes=3, backbone="small", d_model=32, n_heads=2,
                               enc_layers=1, dec_layers=1, dim_feedforward=64, num_queries=5)
@@ -115,7 +116,7 @@ def test_torchrun_two_processes_gloo(toy, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "ddetr_minimal.train", *_args(toy, out, "deformable", "--epochs", "1")]
+           "-m", "ddetr_minimal", "train", *_args(toy, out, "deformable", "--epochs", "1")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
@@ -127,7 +128,7 @@ def test_torchrun_two_processes_gloo(toy, tmp_path):
 
 
 def test_convergence_summary_checks_the_claim():
-    from ddetr_minimal.experiments import summarize
+    from ddetr_minimal.training.experiments import summarize
 
     def curve(aps):
         return [{"epoch": e + 1, "AP": ap, "AP_S": ap / 2, **{k: ap for k in ("AP50", "AP75", "AP_M", "AP_L")}}
@@ -148,7 +149,7 @@ def test_convergence_summary_checks_the_claim():
 
 @pytest.mark.slow
 def test_convergence_command_records_both_runs(tmp_path):
-    from ddetr_minimal import experiments
+    from ddetr_minimal.training import experiments
 
     out = tmp_path / "results" / "convergence.json"
     tiny = [f"--train-arg={a}" for a in ("--d-model=32", "--n-heads=2", "--enc-layers=1", "--dec-layers=1",

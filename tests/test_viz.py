@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ddetr_minimal import viz
-from ddetr_minimal.measure import fit_exponent
+from ddetr_minimal.measure.cost import fit_exponent
 
 
 @pytest.fixture(autouse=True)

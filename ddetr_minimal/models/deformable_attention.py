@@ -1,0 +1,144 @@
+"""``MSDeformAttn``: the multi-scale deformable attention module (paper, Sec. 4.1, Eq. 3).
+
+For each query the module predicts, with two linear layers on the query feature alone,
+``M*L*K`` sampling offsets (2 numbers each) and ``M*L*K`` attention weights (``3MLK``
+output channels in all). The weights of a head are softmax-normalised over its ``L*K``
+samples; the offsets are added to the query's reference point, which is shared by all
+levels because it is normalised to ``[0, 1]``. The sampled values are mixed by the op
+:func:`ddetr_minimal.ops.msda.ms_deform_attn` and projected back to ``d_model``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..ops.checks import shape_str
+from ..ops.msda import ms_deform_attn
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention.
+
+    Args:
+        d_model: channels C of queries and values.
+        n_levels: feature levels L (``n_levels=1`` is single-scale deformable attention).
+        n_heads: attention heads M; ``d_model`` must be divisible by it.
+        n_points: sampling points K per head per level.
+        backend: op backend, see :func:`ddetr_minimal.ops.msda.ms_deform_attn`.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
+                 backend: str = "auto"):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("n_levels", n_levels), ("n_heads", n_heads), ("n_points", n_points)):
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if d_model % n_heads != 0:
+            raise ValueError(
+                f"d_model must be divisible by n_heads, got d_model={d_model} and n_heads={n_heads} "
+                f"(d_model % n_heads = {d_model % n_heads})"
+            )
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.backend = backend
+        # 2MLK offsets and MLK weights: 3MLK output channels predicted from the query
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)  # W'_m for all heads at once
+        self.output_proj = nn.Linear(d_model, d_model)  # W_m for all heads at once
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The paper's initialisation.
+
+        Offset and weight projections start at zero weight, so at initialisation every query
+        samples the same pattern around its reference point: head m looks in direction
+        ``2*pi*m/M``, and point k sits ``k+1`` pixels out along it (a ring of rays), while
+        the attention weights are uniform over the ``L*K`` samples.
+        """
+        M, L, K = self.n_heads, self.n_levels, self.n_points
+        nn.init.zeros_(self.sampling_offsets.weight)
+        theta = torch.arange(M, dtype=torch.float32) * (2.0 * math.pi / M)  # (M,)
+        direction = torch.stack([theta.cos(), theta.sin()], -1)  # (M, 2)
+        # scale each direction so its larger component is 1: the first ring touches the
+        # 8-neighbourhood of the reference pixel
+        direction = direction / direction.abs().max(-1, keepdim=True).values  # (M, 2)
+        bias = direction.view(M, 1, 1, 2).repeat(1, L, K, 1)  # (M, L, K, 2)
+        bias = bias * torch.arange(1, K + 1, dtype=torch.float32).view(1, 1, K, 1)  # (M, L, K, 2)
+        self.sampling_offsets.bias.copy_(bias.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def sampling(self, query: torch.Tensor, reference_points: torch.Tensor,
+                 spatial_shapes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Sampling locations and attention weights predicted from the queries.
+
+        query: (N, Lq, C); reference_points: (N, Lq, L, 2) as normalised (x, y) or
+        (N, Lq, L, 4) as normalised boxes (cx, cy, w, h); spatial_shapes: (L, 2) as (H, W).
+        Returns locations (N, Lq, M, L, K, 2) and weights (N, Lq, M, L, K).
+        """
+        N, Lq, _ = query.shape
+        M, L, K = self.n_heads, self.n_levels, self.n_points
+        offsets = self.sampling_offsets(query).view(N, Lq, M, L, K, 2)  # (N, Lq, M, L, K, 2)
+        weights = self.attention_weights(query).view(N, Lq, M, L * K)  # (N, Lq, M, L*K)
+        weights = weights.softmax(-1).view(N, Lq, M, L, K)  # (N, Lq, M, L, K)
+        ref = reference_points[:, :, None, :, None, :]  # (N, Lq, 1, L, 1, 2|4)
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: divide by (W_l, H_l) to normalise
+            normaliser = spatial_shapes.flip(-1).to(query.dtype)  # (L, 2) as (W, H)
+            locations = ref + offsets / normaliser[None, None, None, :, None, :]
+        else:
+            # box reference: offsets are relative to the box size, at most half of it per K
+            locations = ref[..., :2] + offsets / K * ref[..., 2:] * 0.5
+        return locations, weights
+
+    def _check(self, query, reference_points, input_flatten, spatial_shapes, padding_mask):
+        C, L = self.d_model, self.n_levels
+        if query.dim() != 3 or query.shape[-1] != C:
+            raise ValueError(f"query must have shape (N, Lq, {C}), got {shape_str(query)}")
+        N, Lq, _ = query.shape
+        if input_flatten.dim() != 3 or input_flatten.shape[0] != N or input_flatten.shape[-1] != C:
+            raise ValueError(f"input_flatten must have shape ({N}, S, {C}), got {shape_str(input_flatten)}")
+        if (reference_points.dim() != 4 or tuple(reference_points.shape[:3]) != (N, Lq, L)
+                or reference_points.shape[-1] not in (2, 4)):
+            raise ValueError(
+                f"reference_points must have shape ({N}, {Lq}, {L}, 2) for points (x, y) or "
+                f"({N}, {Lq}, {L}, 4) for boxes (cx, cy, w, h), got {shape_str(reference_points)}"
+            )
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[0] != L:
+            raise ValueError(
+                f"input_spatial_shapes must have shape ({L}, 2) for n_levels={L}, got {shape_str(spatial_shapes)}"
+            )
+        if padding_mask is not None:
+            S = input_flatten.shape[1]
+            if padding_mask.dtype != torch.bool or tuple(padding_mask.shape) != (N, S):
+                raise ValueError(
+                    f"input_padding_mask must be a bool tensor of shape ({N}, {S}) (True = padding), "
+                    f"got dtype {padding_mask.dtype} and shape {shape_str(padding_mask)}"
+                )
+
+    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, input_flatten: torch.Tensor,
+                input_spatial_shapes: torch.Tensor, input_level_start_index: torch.Tensor,
+                input_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """query (N, Lq, C), reference_points (N, Lq, L, 2|4), input_flatten (N, S, C),
+        input_spatial_shapes (L, 2), input_level_start_index (L,), input_padding_mask (N, S)
+        bool with True at padded positions. Returns (N, Lq, C)."""
+        self._check(query, reference_points, input_flatten, input_spatial_shapes, input_padding_mask)
+        N, Lq, C = query.shape
+        S = input_flatten.shape[1]
+        M = self.n_heads
+        value = self.value_proj(input_flatten)  # (N, S, C)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)  # padded values read zero
+        value = value.view(N, S, M, C // M)  # (N, S, M, D)
+        locations, weights = self.sampling(query, reference_points, input_spatial_shapes)
+        out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
+                             locations.to(value.dtype), weights.to(value.dtype), backend=self.backend)  # (N, Lq, C)
+        return self.output_proj(out)  # (N, Lq, C)

@@ -1,0 +1,76 @@
+"""From network outputs to detections in pixels, and to the list pycocotools evaluates.
+
+Sigmoid models (Deformable DETR, DETR+) score every (query, class) pair independently, so a
+query may contribute several detections with different classes: the ``k`` best pairs over
+``Q x K`` are kept (k = 100, COCO's maximum per image). Softmax models (DETR) give one
+detection per query: its most likely real class.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torchvision.ops import box_convert
+
+from .matcher import check_predictions
+from ..ops.checks import shape_str
+
+
+class PostProcess(nn.Module):
+    """Convert outputs to ``[{"scores": (k,), "labels": (k,), "boxes": (k, 4)}, ...]``.
+
+    Args:
+        num_select: detections kept per image for sigmoid models (top-k over queries x classes).
+        focal: sigmoid outputs (True) or softmax with a trailing no-object class (False).
+
+    Boxes are absolute ``(x1, y1, x2, y2)`` pixels of the size given in ``target_sizes``;
+    use the original image size for COCO evaluation.
+    """
+
+    def __init__(self, num_select: int = 100, focal: bool = True):
+        super().__init__()
+        if not isinstance(num_select, int) or num_select <= 0:
+            raise ValueError(f"num_select must be a positive integer, got {num_select!r}")
+        self.num_select, self.focal = num_select, focal
+
+    @torch.no_grad()
+    def forward(self, outputs: Dict[str, torch.Tensor], target_sizes: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+        """outputs: ``pred_logits`` (B, Q, K[+1]), ``pred_boxes`` (B, Q, 4); target_sizes (B, 2) as (h, w)."""
+        B, Q = check_predictions(outputs)
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        target_sizes = torch.as_tensor(target_sizes, device=boxes.device)
+        if target_sizes.dim() != 2 or tuple(target_sizes.shape) != (B, 2):
+            raise ValueError(f"target_sizes must have shape ({B}, 2) holding (h, w) per image, got {shape_str(target_sizes)}")
+        if self.focal:
+            K = logits.shape[-1]
+            prob = logits.sigmoid().flatten(1)  # (B, Q*K)
+            scores, idx = prob.topk(min(self.num_select, Q * K), dim=1)  # (B, k)
+            query, labels = idx // K, idx % K  # (B, k) each
+            boxes = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))  # (B, k, 4)
+        else:
+            scores, labels = logits.softmax(-1)[..., :-1].max(-1)  # (B, Q): best real class per query
+        xyxy = box_convert(boxes, "cxcywh", "xyxy")  # (B, k, 4) normalised
+        h, w = target_sizes.to(xyxy.dtype).unbind(1)  # (B,) each
+        xyxy = xyxy * torch.stack([w, h, w, h], 1)[:, None, :]  # (B, k, 4) pixels
+        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, xyxy)]
+
+
+def to_coco_detections(results: Sequence[Dict[str, torch.Tensor]], image_ids: Sequence[int],
+                       category_ids: Optional[Union[Sequence[int], Mapping[int, int]]] = None) -> List[dict]:
+    """The list ``COCO.loadRes`` takes: one dict per detection with ``image_id``,
+    ``category_id``, ``bbox`` as (x, y, w, h) pixels and ``score``.
+
+    category_ids maps a contiguous label to the dataset's category id (a list or dict);
+    None keeps the label as the id.
+    """
+    if len(results) != len(image_ids):
+        raise ValueError(f"results and image_ids must have the same length, got {len(results)} and {len(image_ids)}")
+    detections = []
+    for image_id, r in zip(image_ids, results):
+        xywh = box_convert(r["boxes"], "xyxy", "xywh").tolist()
+        for box, score, label in zip(xywh, r["scores"].tolist(), r["labels"].tolist()):
+            category = int(label) if category_ids is None else int(category_ids[int(label)])
+            detections.append({"image_id": int(image_id), "category_id": category,
+                               "bbox": [float(v) for v in box], "score": float(score)})
+    return detections

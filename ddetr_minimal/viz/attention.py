@@ -1,0 +1,67 @@
+"""The plots the chapters show. Every function draws on an Axes (or a new Figure) and returns it.  (split from viz.py; docstring to be written)"""
+from __future__ import annotations
+from typing import Mapping, Optional, Tuple
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from .common import ArrayLike, _axes, _image_hwc, _numpy
+
+
+# --------------------------------------------------------------------------------------
+# Attention maps and their entropy
+# --------------------------------------------------------------------------------------
+def plot_attention_map(weights: ArrayLike, shape: Tuple[int, int], ax: Optional[Axes] = None,
+                       image=None, query_xy: Optional[Tuple[float, float]] = None,
+                       title: str = "Attention of one query", colorbar: bool = True) -> Axes:
+    """One query's attention weights over an ``H x W`` map, optionally over an image.
+
+    ``weights`` has ``H*W`` entries (row-major). ``query_xy`` marks the query's own position
+    in pixels of the map. With ``image`` the map is stretched over the photograph.
+    """
+    ax = _axes(ax)
+    H, W = shape
+    w = _numpy(weights).astype(float)
+    if w.size != H * W:
+        raise ValueError(f"weights has {w.size} entries, expected H*W = {H}*{W} = {H * W} for shape {shape}")
+    w = w.reshape(H, W)  # (H, W)
+    extent = (-0.5, W - 0.5, H - 0.5, -0.5)
+    if image is not None:
+        ax.imshow(_image_hwc(image), extent=extent, interpolation="bilinear")
+        im = ax.imshow(w, extent=extent, cmap="magma", alpha=0.6, interpolation="nearest")
+    else:
+        im = ax.imshow(w, extent=extent, cmap="magma", interpolation="nearest")
+    if query_xy is not None:
+        ax.plot([query_xy[0]], [query_xy[1]], marker="+", color="cyan", markersize=14, mew=2,
+                linestyle="none", label="query")
+        ax.legend(loc="upper right", fontsize="small")
+    if colorbar:
+        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="attention weight")
+    ax.set_title(title)
+    ax.set_xlabel("x (feature-map pixels)")
+    ax.set_ylabel("y (feature-map pixels)")
+    return ax
+
+
+def plot_entropy_bars(entropies: Mapping[str, float], ax: Optional[Axes] = None,
+                      max_entropy: Optional[float] = None,
+                      title: str = "Entropy of the attention maps",
+                      ylabel: str = "entropy (nats)") -> Axes:
+    """Bars of attention entropies, with the uniform-attention maximum ``log(N_k)`` as a line."""
+    if not isinstance(entropies, Mapping) or len(entropies) == 0:
+        raise ValueError("entropies must be a non-empty mapping label -> entropy")
+    ax = _axes(ax)
+    labels = list(entropies)
+    values = [float(entropies[k]) for k in labels]
+    bars = ax.bar(range(len(labels)), values, color=plt.cm.viridis(np.linspace(0.2, 0.8, len(labels))))
+    ax.set_xticks(range(len(labels)), labels)
+    for bar, v in zip(bars, values):
+        ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
+                    fontsize="small")
+    if max_entropy is not None:
+        ax.axhline(max_entropy, linestyle="--", color="gray", label=f"uniform: {max_entropy:.2f}")
+        ax.legend(fontsize="small", loc="upper right")
+        ax.set_ylim(0, max_entropy * 1.2)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel("attention map")
+    return ax

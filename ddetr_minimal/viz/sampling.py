@@ -1,0 +1,186 @@
+"""The plots the chapters show. Every function draws on an Axes (or a new Figure) and returns it.  (split from viz.py; docstring to be written)"""
+from __future__ import annotations
+from typing import Optional, Sequence, Tuple
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from ..ops.checks import shape_str
+from ..ops.reference import bilinear_sample
+from .common import _axes, _image_hwc, _numpy
+
+
+# --------------------------------------------------------------------------------------
+# One bilinear sample
+# --------------------------------------------------------------------------------------
+def bilinear_weight_map(loc_xy: Tuple[float, float], H: int, W: int) -> torch.Tensor:
+    """The weight each pixel of an ``H x W`` map gets when the op samples the normalised point.
+
+    Computed with the package's own sampler (:func:`ddetr_minimal.ops.reference.bilinear_sample`) on a
+    one-hot value map: channel ``i`` is 1 at pixel ``i`` only, so the sampled channel ``i``
+    is pixel ``i``'s bilinear weight. Returns (H, W); at most four entries are non-zero.
+    """
+    if len(loc_xy) != 2:
+        raise ValueError(f"loc_xy must be a normalised point (x, y), got {loc_xy!r}")
+    for name, v in (("H", H), ("W", W)):
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    one_hot = torch.eye(H * W, dtype=torch.float64).view(1, H * W, 1, H * W)  # (N=1, HW, M=1, D=HW)
+    loc = torch.tensor(loc_xy, dtype=torch.float64).view(1, 1, 1, 2)  # (N=1, Lq=1, M=1, 2)
+    return bilinear_sample(one_hot, H, W, loc).view(H, W)  # (H, W)
+
+
+def plot_bilinear_neighbours(loc_xy: Tuple[float, float], H: int, W: int,
+                             ax: Optional[Axes] = None,
+                             title: str = "Bilinear interpolation of one sample") -> Axes:
+    """Draw the pixel grid, one sampling point and its four neighbours with their weights.
+
+    Each neighbour's weight is the area of the rectangle opposite to it (shaded in its
+    colour): the closer the point, the larger the opposite rectangle.
+    """
+    ax = _axes(ax, figsize=(5, 5))
+    weights = bilinear_weight_map(loc_xy, H, W).numpy()  # (H, W)
+    x = loc_xy[0] * W - 0.5  # continuous pixel coordinates (centres at integers)
+    y = loc_xy[1] * H - 0.5
+    for i in range(W + 1):
+        ax.axvline(i - 0.5, color="lightgray", linewidth=0.8)
+    for j in range(H + 1):
+        ax.axhline(j - 0.5, color="lightgray", linewidth=0.8)
+    gx, gy = np.meshgrid(np.arange(W), np.arange(H))
+    ax.plot(gx.ravel(), gy.ravel(), ".", color="gray", markersize=4, label="pixel centres")
+    x0, y0 = int(np.floor(x)), int(np.floor(y))
+    colors = plt.cm.tab10(np.arange(4))
+    for c, (dy, dx) in zip(colors, ((0, 0), (0, 1), (1, 0), (1, 1))):
+        xi, yi = x0 + dx, y0 + dy
+        inside = 0 <= xi < W and 0 <= yi < H
+        w = weights[yi, xi] if inside else 0.0
+        # the rectangle between the point and the opposite neighbour has area = this weight
+        ox, oy = x0 + 1 - dx, y0 + 1 - dy
+        ax.add_patch(Rectangle((min(x, ox), min(y, oy)), abs(ox - x), abs(oy - y), color=c, alpha=0.25))
+        ax.plot([xi], [yi], "o", color=c, markersize=10)
+        ax.annotate(f"w={w:.2f}" + ("" if inside else " (outside: 0)"), (xi, yi),
+                    textcoords="offset points", xytext=(6, -14 if dy else 8), color=c, fontsize="small",
+                    fontweight="bold")
+    ax.plot([x], [y], "*", color="black", markersize=14, label=f"sample ({x:.2f}, {y:.2f})")
+    ax.set_xlim(max(-0.5, x0 - 1.5), min(W - 0.5, x0 + 2.5))
+    ax.set_ylim(min(H - 0.5, y0 + 2.5), max(-0.5, y0 - 1.5))
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.set_xlabel("x (feature-map pixels)")
+    ax.set_ylabel("y (feature-map pixels)")
+    ax.legend(loc="lower left", fontsize="small")
+    return ax
+
+
+# --------------------------------------------------------------------------------------
+# Sampling points
+# --------------------------------------------------------------------------------------
+def _check_locations(locations: torch.Tensor, weights: Optional[torch.Tensor]) -> None:
+    if not isinstance(locations, torch.Tensor) or locations.dim() != 5 or locations.shape[-1] != 2:
+        got = shape_str(locations) if isinstance(locations, torch.Tensor) else type(locations).__name__
+        raise ValueError(f"locations must be a tensor of shape (Lq, M, L, K, 2), got {got}")
+    if weights is not None and tuple(weights.shape) != tuple(locations.shape[:-1]):
+        raise ValueError(
+            f"weights must have shape {tuple(locations.shape[:-1])} (Lq, M, L, K) to match locations "
+            f"{shape_str(locations)}, got {shape_str(weights)}"
+        )
+
+
+def plot_sampling_points(image, locations: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                         reference_points: Optional[torch.Tensor] = None, level: Optional[int] = None,
+                         heads: Optional[Sequence[int]] = None, ax: Optional[Axes] = None,
+                         title: str = "Sampling points") -> Axes:
+    """Sampling points of some queries on an image, one colour per head.
+
+    ``locations`` (Lq, M, L, K, 2) normalised (x, y), as returned by
+    :meth:`MSDeformAttn.sampling` for one image; ``weights`` (Lq, M, L, K) scale the markers
+    (area proportional to the weight); ``reference_points`` (Lq, 2) are drawn as crosses.
+    ``level=None`` draws the points of every level, an integer only that level's.
+    """
+    _check_locations(locations, weights)
+    ax = _axes(ax, figsize=(6, 6))
+    img = _image_hwc(image)
+    Hi, Wi = img.shape[:2]
+    ax.imshow(img, extent=(0, Wi, Hi, 0))
+    Lq, M, L, K, _ = locations.shape
+    heads = list(range(M)) if heads is None else list(heads)
+    if any(not 0 <= m < M for m in heads):
+        raise ValueError(f"heads must index the {M} heads of locations, got {heads}")
+    levels = list(range(L)) if level is None else [level]
+    if any(not 0 <= l < L for l in levels):
+        raise ValueError(f"level must be in [0, {L}), got {level}")
+    loc = _numpy(locations)
+    w = None if weights is None else _numpy(weights)
+    colors = plt.cm.hsv(np.linspace(0, 1, M, endpoint=False))
+    for m in heads:
+        pts = loc[:, m][:, levels].reshape(-1, 2)  # (Lq*L'*K, 2)
+        size = 30.0 if w is None else 30.0 * len(levels) * K * w[:, m][:, levels].reshape(-1)  # (Lq*L'*K,)
+        ax.scatter(pts[:, 0] * Wi, pts[:, 1] * Hi, s=size, color=colors[m], edgecolors="black",
+                   linewidths=0.5, label=f"head {m}", zorder=3)
+    if reference_points is not None:
+        ref = _numpy(reference_points).reshape(-1, 2)  # (Lq, 2)
+        ax.scatter(ref[:, 0] * Wi, ref[:, 1] * Hi, marker="P", s=120, color="white", edgecolors="black",
+                   label="reference point", zorder=4)
+    ax.set_xlim(0, Wi)
+    ax.set_ylim(Hi, 0)
+    ax.set_title(title)
+    ax.set_xlabel("x (image pixels)")
+    ax.set_ylabel("y (image pixels)")
+    ax.legend(fontsize="x-small", loc="upper right", ncol=2, framealpha=0.8)
+    return ax
+
+
+def plot_sampling_levels(image, locations: torch.Tensor, spatial_shapes: torch.Tensor,
+                         weights: Optional[torch.Tensor] = None,
+                         reference_points: Optional[torch.Tensor] = None, query: int = 0,
+                         title: str = "Sampling points per level") -> Figure:
+    """One panel per feature level: the image at that level's resolution, its pixel grid and
+    the sampling points of one query (all heads) on that level. ``reference_points`` is
+    (Lq, 2) or (Lq, L, 2), normalised (x, y).
+
+    The same normalised offsets mean more image pixels on a coarser level: this is how a
+    handful of points per level covers both fine detail and wide context.
+    """
+    _check_locations(locations, weights)
+    Lq, M, L, K, _ = locations.shape
+    if tuple(spatial_shapes.shape) != (L, 2):
+        raise ValueError(f"spatial_shapes must have shape ({L}, 2) for L={L} levels, got {shape_str(spatial_shapes)}")
+    if not 0 <= query < Lq:
+        raise ValueError(f"query must be in [0, {Lq}), got {query}")
+    img = torch.as_tensor(_image_hwc(image)).float()
+    if img.dim() == 2:
+        img = img[..., None].expand(-1, -1, 3)  # (H, W, 3)
+    img = img[..., :3].permute(2, 0, 1)[None]  # (1, 3, H, W)
+    Hi, Wi = img.shape[-2:]
+    fig, axes = plt.subplots(1, L, figsize=(4 * L, 4.4), squeeze=False)
+    colors = plt.cm.hsv(np.linspace(0, 1, M, endpoint=False))
+    loc = _numpy(locations[query])  # (M, L, K, 2)
+    w = None if weights is None else _numpy(weights[query])  # (M, L, K)
+    for l, ax in enumerate(axes[0]):
+        Hl, Wl = (int(v) for v in spatial_shapes[l])
+        small = torch.nn.functional.adaptive_avg_pool2d(img, (Hl, Wl))[0].permute(1, 2, 0)  # (Hl, Wl, 3)
+        ax.imshow(small.numpy(), extent=(0, Wi, Hi, 0), interpolation="nearest")
+        for i in range(1, Wl):
+            ax.axvline(i * Wi / Wl, color="white", linewidth=0.3, alpha=0.5)
+        for j in range(1, Hl):
+            ax.axhline(j * Hi / Hl, color="white", linewidth=0.3, alpha=0.5)
+        for m in range(M):
+            size = 30.0 if w is None else 30.0 * L * K * w[m, l]
+            ax.scatter(loc[m, l, :, 0] * Wi, loc[m, l, :, 1] * Hi, s=size, color=colors[m],
+                       edgecolors="black", linewidths=0.5, zorder=3, label=f"head {m}")
+        if reference_points is not None:
+            ref_all = _numpy(reference_points).reshape(Lq, -1, 2)  # (Lq, 1 or L, 2)
+            ref = ref_all[query, l if ref_all.shape[1] > 1 else 0]  # (2,)
+            ax.scatter([ref[0] * Wi], [ref[1] * Hi], marker="P", s=120, color="white", edgecolors="black",
+                       zorder=4, label="reference point")
+        ax.set_xlim(0, Wi)
+        ax.set_ylim(Hi, 0)
+        ax.set_title(f"level {l}: {Hl} x {Wl} pixels")
+        ax.set_xlabel("x (image pixels)")
+        ax.set_ylabel("y (image pixels)")
+    axes[0, -1].legend(fontsize="x-small", loc="upper right", framealpha=0.8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
