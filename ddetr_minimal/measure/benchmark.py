@@ -20,9 +20,7 @@ attention matrices dominate both.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
-import platform
 import sys
 from typing import Callable, List, Sequence
 
@@ -34,7 +32,7 @@ from ..models.deformable_attention import MSDeformAttn
 from .cost import fit_exponent, grid_reference_points
 from .timing import median_times
 from .memory import saved_tensor_bytes
-from .records import write_json
+from .records import provenance, write_json
 from ..ops.checks import level_start_index_from_shapes
 from ..ops.msda import ms_deform_attn
 
@@ -196,11 +194,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
               f"time vs torch x{r['fwd_bwd_s'] / base['fwd_bwd_s']:.2f}  memory vs torch x{r['bytes'] / base['bytes']:.2f}")
 
     result = {
-        "command": "python -m ddetr_minimal benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
+        **provenance(["python", "-m", "ddetr_minimal", "benchmark", *(argv if argv is not None else sys.argv[1:])]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "memory_kind": "peak_allocated" if device.type == "cuda" else "saved_for_backward",
         "d_model": args.d_model,

@@ -1,12 +1,60 @@
-"""Writing files atomically: recorded results (the small JSON files under data/ that the book
-plots) and checkpoints."""
+"""Records: where a result came from (provenance), and writing results and checkpoints atomically.
+
+Every recorded result under ``data/`` carries :func:`provenance` -- the command, the commit, the
+machine and the date that produced it -- so the book can say where each number comes from.
+"""
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
+import shlex
+import subprocess
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
+
+
+def git_commit(cwd=None) -> str | None:
+    """``git rev-parse HEAD`` (with ``-dirty`` when the tree has changes), or None without git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine() -> dict:
+    """A short description of the computer a result was measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def provenance(command: Sequence[str], cwd=None) -> dict:
+    """``{"command", "commit", "machine", "date"}`` for a record; ``command`` is the argv as run,
+    e.g. ``["python", "-m", "ddetr_minimal", "benchmark", "--repeats", "3"]``."""
+    return {
+        "command": shlex.join(list(command)),
+        "commit": git_commit(cwd),
+        "machine": machine(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
 
 
 def write_json(path: Union[str, Path], obj: dict) -> None:

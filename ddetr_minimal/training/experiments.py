@@ -37,47 +37,18 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
 
-from ..measure.records import write_json
+from ..measure.records import git_commit, machine, write_json
 from ..datasets.synthetic import INFO_FILE, generate
 
 AP_KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 VARIANTS = {"refine": ["--with-box-refine"], "two_stage": ["--with-box-refine", "--two-stage"]}
-
-
-def git_commit(cwd=None) -> str | None:
-    """``git rev-parse HEAD`` (with ``-dirty`` when the tree has changes), or None without git."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def machine() -> dict:
-    """A short description of the computer the experiment ran on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def ensure_dataset(root: Path, num_train: int, num_val: int, image_size: int, seed: int,
