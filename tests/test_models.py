@@ -78,7 +78,7 @@ def test_single_scale_model_uses_the_stride_32_map():
     model, _, _ = build_model(num_classes=K, n_levels=1, **TINY)
     images, mask, _ = _batch()
     out = model(images, mask, return_internals=True)
-    assert out["internals"]["spatial_shapes"].tolist() == [[2, 3]]
+    assert out["internals"].memory.spatial_shapes.tolist() == [[2, 3]]
     assert out["pred_boxes"].shape == (2, 7, 4)
 
 
@@ -122,7 +122,7 @@ def test_refinement_detaches_the_references_between_layers():
         for head in model.bbox_embed:
             head.layers[-1].weight.normal_(std=0.1)
     images, mask, _ = _batch()
-    refs = model(images, mask, return_internals=True)["internals"]["references"]
+    refs = model(images, mask, return_internals=True)["internals"].references
     assert refs[0].shape[-1] == 2 and refs[0].requires_grad  # learned from the query embedding
     assert all(r.shape[-1] == 4 and not r.requires_grad for r in refs[1:])
     assert not torch.allclose(refs[1], refs[2])  # every layer refines
@@ -158,9 +158,9 @@ def test_padding_does_not_change_the_transformer_output():
     query = torch.randn(5, 32)
     a = tr(srcs, masks, pos, query_embed=query)
     b = tr(garbage, masks, pos, query_embed=query)
-    valid = ~a["mask"][0]
-    torch.testing.assert_close(a["memory"][0, valid], b["memory"][0, valid])
-    torch.testing.assert_close(a["hs"], b["hs"])
+    valid = ~a.memory.padding_mask[0]
+    torch.testing.assert_close(a.memory.tokens[0, valid], b.memory.tokens[0, valid])
+    torch.testing.assert_close(a.states, b.states)
 
 
 def test_parameter_count_matches_the_paper():

@@ -7,7 +7,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ddetr_minimal.models.postprocess import PostProcess, to_coco_detections
+from ddetr_minimal.datasets.coco_eval import to_coco_results
+from ddetr_minimal.models.postprocess import PostProcess
 
 
 def test_topk_over_queries_and_classes():
@@ -78,7 +79,7 @@ def test_perfect_predictions_score_ap_one_with_pycocotools():
             logits[b, q, categories.index(c)] = 8.0 - q  # distinct scores: a fixed order
             boxes[b, q] = torch.tensor([(x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h])
     results = PostProcess(num_select=10)({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor(sizes))
-    dets = to_coco_detections(results, list(gt), category_ids=categories)
+    dets = to_coco_results(list(gt), results, categories)
     assert len(dets) == 20 and set(dets[0]) == {"image_id", "category_id", "bbox", "score"}
     assert dets[0]["bbox"] == pytest.approx(gt[1][0][1], abs=1e-3) and dets[0]["category_id"] == 3
     with contextlib.redirect_stdout(io.StringIO()):

@@ -1,9 +1,10 @@
 """Deformable DETR: backbone -> input projections -> deformable transformer -> class and box heads.
 
-The model predicts, for each of ``Q`` queries and every decoder layer, ``K`` class logits
+The model predicts, for each of ``Lq`` queries and every decoder layer, ``num_classes`` logits
 (sigmoid / focal loss, no "no-object" class: a query that matches nothing is trained to say
 "no" to every class) and a box ``(cx, cy, w, h)`` normalised to the unpadded image. Boxes
-are predicted *relative to the query's reference point* in inverse-sigmoid space::
+are predicted *relative to the query's reference point* in inverse-sigmoid space
+(:func:`~.heads.box_from_reference`)::
 
     box = sigmoid(MLP(h) + [inverse_sigmoid(ref_xy), 0, 0])     (2-d reference)
     box = sigmoid(MLP(h) + inverse_sigmoid(ref_box))            (4-d reference: refinement, two-stage)
@@ -17,33 +18,14 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .backbone import check_images, downsample_mask
+from .heads import INITIAL_SIZE_LOGIT, MLP, box_from_reference, focal_bias_prior, predictions
 from .position_encoding import PositionEmbeddingSine
-from .transformer import DeformableTransformer, inverse_sigmoid
+from .transformer import DeformableTransformer
 
-FOCAL_PRIOR = 0.01  # initial foreground probability of every class (RetinaNet's prior)
-
-
-class MLP(nn.Module):
-    """``num_layers`` linear layers with ReLU in between (the 3-layer box head of DETR)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
-
-
-def focal_bias_prior(prior: float = FOCAL_PRIOR) -> float:
-    """Bias b with sigmoid(b) = prior: -log((1 - prior) / prior) (about -4.6 for 0.01)."""
-    return -math.log((1 - prior) / prior)
+GROUP_NORM_GROUPS = 32  # GroupNorm(32) after every input projection, as in the paper
 
 
 class InputProjection(nn.ModuleList):
@@ -56,7 +38,7 @@ class InputProjection(nn.ModuleList):
     """
 
     def __init__(self, in_channels: Sequence[int], d_model: int, n_levels: int):
-        groups = 32 if d_model % 32 == 0 else math.gcd(32, d_model)
+        groups = math.gcd(GROUP_NORM_GROUPS, d_model)  # 32 for the paper's d_model=256
         n_backbone = min(n_levels, len(in_channels))
         used = list(in_channels)[len(in_channels) - n_backbone:]
         layers = [nn.Sequential(nn.Conv2d(c, d_model, 1), nn.GroupNorm(groups, d_model)) for c in used]
@@ -72,14 +54,14 @@ class InputProjection(nn.ModuleList):
 
     def forward(self, features: List[torch.Tensor], masks: List[torch.Tensor],
                 image_mask: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """features/masks from the backbone, image_mask (B, H, W). Returns n_levels maps and masks."""
+        """features/masks from the backbone, image_mask (N, H, W). Returns n_levels maps and masks."""
         features, masks = features[len(features) - self.n_backbone:], masks[len(masks) - self.n_backbone:]
-        srcs = [proj(f) for proj, f in zip(self, features)]  # each (B, C, H_l, W_l)
+        srcs = [proj(f) for proj, f in zip(self, features)]  # each (N, C, H_l, W_l)
         masks = list(masks)
         for i in range(self.n_backbone, len(self)):
-            src = self[i](features[-1] if i == self.n_backbone else srcs[-1])  # (B, C, H_l, W_l)
+            src = self[i](features[-1] if i == self.n_backbone else srcs[-1])  # (N, C, H_l, W_l)
             srcs.append(src)
-            masks.append(downsample_mask(image_mask, src.shape[-2:]))  # (B, H_l, W_l)
+            masks.append(downsample_mask(image_mask, src.shape[-2:]))  # (N, H_l, W_l)
         return srcs, masks
 
 
@@ -89,8 +71,8 @@ class DeformableDETR(nn.Module):
     Args:
         backbone: a module with the interface of :mod:`ddetr_minimal.models.backbone`.
         transformer: a :class:`DeformableTransformer`.
-        num_classes: object classes K (no background class; sigmoid outputs).
-        num_queries: object queries Q (and two-stage proposals).
+        num_classes: object classes (no background class; sigmoid outputs).
+        num_queries: object queries Lq (and two-stage proposals).
         aux_loss: also return the predictions of every earlier decoder layer.
         with_box_refine: iterative bounding-box refinement (one head per decoder layer).
         two_stage: queries from the top-Q encoder proposals (needs ``transformer.two_stage``).
@@ -112,16 +94,16 @@ class DeformableDETR(nn.Module):
         self.transformer = transformer
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, 2 * d)  # (query_pos, tgt) of every query
-        # one head pair shared by all layers, or one per decoder layer (+1 for the proposals)
-        n_heads = self.num_decoder_layers + int(two_stage) if with_box_refine else 1
-        self.class_embed = nn.ModuleList(nn.Linear(d, num_classes) for _ in range(n_heads))
-        self.bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(n_heads))
+        # one (class, box) head pair shared by all layers, or one per decoder layer (+1 for the proposals)
+        num_head_pairs = self.num_decoder_layers + int(two_stage) if with_box_refine else 1
+        self.class_embed = nn.ModuleList(nn.Linear(d, num_classes) for _ in range(num_head_pairs))
+        self.bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(num_head_pairs))
         self.reset_head_parameters()
 
     @torch.no_grad()
     def reset_head_parameters(self) -> None:
         """Class bias at the focal prior; box heads start at "no change" from the reference,
-        and, for 2-d references, at width and height sigmoid(-2) ~ 0.12 of the image."""
+        and, for 2-d references, at width and height sigmoid(INITIAL_SIZE_LOGIT) ~ 0.12 of the image."""
         for head in self.class_embed:
             nn.init.constant_(head.bias, focal_bias_prior())
         for head in self.bbox_embed:
@@ -129,7 +111,7 @@ class DeformableDETR(nn.Module):
             nn.init.zeros_(head.layers[-1].bias)
         if not self.two_stage:
             # only the first layer's head sees a 2-d reference when refining
-            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], INITIAL_SIZE_LOGIT)
 
     def head(self, i: int) -> Tuple[nn.Module, nn.Module]:
         """(class head, box head) of decoder layer ``i``; ``i = num_decoder_layers`` is the proposal head."""
@@ -138,43 +120,31 @@ class DeformableDETR(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 return_internals: bool = False) -> Dict[str, object]:
-        """images (B, 3, H, W), mask (B, H, W) bool with True at padding (None: no padding).
+        """images (N, 3, H, W), mask (N, H, W) bool with True at padding (None: no padding).
 
-        Returns ``pred_logits`` (B, Q, K), ``pred_boxes`` (B, Q, 4) as normalised (cx, cy, w, h),
-        ``aux_outputs`` (one such dict per earlier decoder layer, when ``aux_loss``), and in
-        two-stage ``enc_outputs`` (the proposals: logits (B, S, K) and boxes (B, S, 4)).
-        ``return_internals`` adds ``internals``: the transformer's outputs (memory, references, ...).
+        Returns ``pred_logits`` (N, Lq, num_classes), ``pred_boxes`` (N, Lq, 4) as normalised
+        (cx, cy, w, h), ``aux_outputs`` (one such dict per earlier decoder layer, when
+        ``aux_loss``), and in two-stage ``enc_outputs`` (the proposals' logits and boxes).
+        ``return_internals`` adds ``internals``: the :class:`~.transformer.TransformerOutput`.
         """
         if mask is None and isinstance(images, torch.Tensor) and images.dim() == 4:
             mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
         check_images(images, mask)
         features, masks = self.backbone(images, mask)
-        srcs, masks = self.input_proj(features, masks, mask)
-        pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks)]  # each (B, C, H_l, W_l)
-        D = self.num_decoder_layers
+        srcs, masks = self.input_proj(features, masks, mask)  # n_levels maps (N, C, H_l, W_l)
+        pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks)]  # each (N, C, H_l, W_l)
+        layers = range(self.num_decoder_layers)
         tr = self.transformer(
             srcs, masks, pos,
             query_embed=None if self.two_stage else self.query_embed.weight,
-            box_heads=[self.head(i)[1] for i in range(D)] if self.with_box_refine else None,
-            enc_heads=self.head(D) if self.two_stage else None,
+            box_heads=[self.head(i)[1] for i in layers] if self.with_box_refine else None,
+            enc_heads=self.head(self.num_decoder_layers) if self.two_stage else None,
         )
-        logits, boxes = [], []
-        for i in range(D):
-            class_head, box_head = self.head(i)
-            h = tr["hs"][i]  # (B, Q, C)
-            ref = inverse_sigmoid(tr["references"][i])  # (B, Q, 2|4)
-            delta = box_head(h)  # (B, Q, 4)
-            if ref.shape[-1] == 4:
-                box = delta + ref  # (B, Q, 4)
-            else:
-                box = torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1)  # (B, Q, 4)
-            logits.append(class_head(h))  # (B, Q, K)
-            boxes.append(box.sigmoid())  # (B, Q, 4)
-        out: Dict[str, object] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        logits = [self.head(i)[0](tr.states[i]) for i in layers]  # each (N, Lq, num_classes)
+        boxes = [box_from_reference(self.head(i)[1](tr.states[i]), tr.references[i]) for i in layers]  # (N, Lq, 4)
+        out = predictions(logits, boxes, self.aux_loss)
         if self.two_stage:
-            out["enc_outputs"] = {"pred_logits": tr["enc_logits"], "pred_boxes": tr["enc_boxes_unact"].sigmoid()}
+            out["enc_outputs"] = {"pred_logits": tr.enc_logits, "pred_boxes": tr.enc_boxes_unact.sigmoid()}
         if return_internals:
             out["internals"] = tr
         return out

@@ -20,7 +20,7 @@ from torch import nn
 
 from .attention import MultiHeadAttention
 from .backbone import check_images
-from .deformable_detr import MLP, focal_bias_prior
+from .heads import MLP, focal_bias_prior, predictions
 from .position_encoding import PositionEmbeddingSine
 
 
@@ -144,7 +144,4 @@ class DETR(nn.Module):
         hs = self.transformer(self.input_proj(src), m, self.query_embed.weight, pos)  # (D, B, Q, C)
         logits = self.class_embed(hs)  # (D, B, Q, K[+1])
         boxes = self.bbox_embed(hs).sigmoid()  # (D, B, Q, 4)
-        out: Dict[str, object] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
-        return out
+        return predictions(logits, boxes, self.aux_loss)

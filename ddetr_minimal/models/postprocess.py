@@ -1,13 +1,13 @@
-"""From network outputs to detections in pixels, and to the list pycocotools evaluates.
+"""From network outputs to detections in pixels (COCO result lists: :mod:`ddetr_minimal.datasets.coco_eval`).
 
 Sigmoid models (Deformable DETR, DETR+) score every (query, class) pair independently, so a
 query may contribute several detections with different classes: the ``k`` best pairs over
-``Q x K`` are kept (k = 100, COCO's maximum per image). Softmax models (DETR) give one
+all ``Lq x num_classes`` pairs are kept (k = 100, COCO's maximum per image). Softmax models (DETR) give one
 detection per query: its most likely real class.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -54,23 +54,3 @@ class PostProcess(nn.Module):
         h, w = target_sizes.to(xyxy.dtype).unbind(1)  # (B,) each
         xyxy = xyxy * torch.stack([w, h, w, h], 1)[:, None, :]  # (B, k, 4) pixels
         return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, xyxy)]
-
-
-def to_coco_detections(results: Sequence[Dict[str, torch.Tensor]], image_ids: Sequence[int],
-                       category_ids: Optional[Union[Sequence[int], Mapping[int, int]]] = None) -> List[dict]:
-    """The list ``COCO.loadRes`` takes: one dict per detection with ``image_id``,
-    ``category_id``, ``bbox`` as (x, y, w, h) pixels and ``score``.
-
-    category_ids maps a contiguous label to the dataset's category id (a list or dict);
-    None keeps the label as the id.
-    """
-    if len(results) != len(image_ids):
-        raise ValueError(f"results and image_ids must have the same length, got {len(results)} and {len(image_ids)}")
-    detections = []
-    for image_id, r in zip(image_ids, results):
-        xywh = box_convert(r["boxes"], "xyxy", "xywh").tolist()
-        for box, score, label in zip(xywh, r["scores"].tolist(), r["labels"].tolist()):
-            category = int(label) if category_ids is None else int(category_ids[int(label)])
-            detections.append({"image_id": int(image_id), "category_id": category,
-                               "bbox": [float(v) for v in box], "score": float(score)})
-    return detections
