@@ -6,24 +6,12 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest
 import torch
 
-from ddetr_minimal.ops.checks import level_start_index_from_shapes
+from ddetr_minimal.ops.random_inputs import random_op_inputs
 
 
-def make_op_inputs(shapes, N=2, Lq=5, M=2, D=3, P=2, dtype=torch.float64, lo=-0.2, hi=1.2,
-                   seed=0, requires_grad=False):
-    """Random (value, spatial_shapes, level_start_index, locations, weights) for the op."""
-    g = torch.Generator().manual_seed(seed)
-    spatial_shapes = torch.as_tensor(shapes, dtype=torch.int64)  # (L, 2)
-    lsi = level_start_index_from_shapes(spatial_shapes)  # (L,)
-    L = spatial_shapes.shape[0]
-    S = int(spatial_shapes.prod(1).sum())
-    value = torch.randn(N, S, M, D, generator=g, dtype=dtype)  # (N, S, M, D)
-    loc = lo + (hi - lo) * torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=dtype)  # (N, Lq, M, L, P, 2)
-    aw = torch.rand(N, Lq, M, L * P, generator=g, dtype=dtype).softmax(-1).view(N, Lq, M, L, P)
-    if requires_grad:
-        for t in (value, loc, aw):
-            t.requires_grad_(True)
-    return value, spatial_shapes, lsi, loc, aw
+def make_op_inputs(shapes, lo=-0.2, hi=1.2, **kwargs):
+    """Random op inputs with some locations off the maps (see ``random_op_inputs``)."""
+    return random_op_inputs(shapes, loc_range=(lo, hi), **kwargs)
 
 
 def giou_cxcywh(a, b):

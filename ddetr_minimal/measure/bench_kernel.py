@@ -31,7 +31,7 @@ import torch
 
 from .records import write_json
 from ..ops.cupy_kernel import missing
-from ..ops.checks import level_start_index_from_shapes
+from ..ops.random_inputs import random_op_inputs
 from ..ops.msda import ms_deform_attn
 
 LEVEL_SHAPES = ((100, 167), (50, 84), (25, 42), (13, 21))
@@ -43,14 +43,8 @@ BACKENDS = ("cupy", "torch")
 
 def make_inputs(n_queries: int, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
     """Random op inputs at the benchmark's scale: locations in [0, 1], softmaxed weights."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    shapes = torch.tensor(LEVEL_SHAPES, dtype=torch.int64, device=device)  # (L, 2)
-    S, L = int(shapes.prod(1).sum()), len(LEVEL_SHAPES)
-    value = torch.randn(BATCH, S, HEADS, HEAD_DIM, generator=g, device=device)  # (N, S, M, D)
-    loc = torch.rand(BATCH, n_queries, HEADS, L, POINTS, 2, generator=g, device=device)  # (N, Lq, M, L, P, 2)
-    logits = torch.randn(BATCH, n_queries, HEADS, L * POINTS, generator=g, device=device)  # (N, Lq, M, L*P)
-    weights = logits.softmax(-1).view(BATCH, n_queries, HEADS, L, POINTS)  # (N, Lq, M, L, P)
-    return value.to(dtype), shapes, level_start_index_from_shapes(shapes), loc.to(dtype), weights.to(dtype)
+    return random_op_inputs(LEVEL_SHAPES, N=BATCH, Lq=n_queries, M=HEADS, D=HEAD_DIM, P=POINTS, dtype=dtype,
+                            device=device, seed=seed)
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
