@@ -9,9 +9,11 @@ import torch
 from ddetr_minimal.ops.random_inputs import random_op_inputs
 
 
-def make_op_inputs(shapes, lo=-0.2, hi=1.2, **kwargs):
+def make_op_inputs(shapes, N=2, Lq=5, M=2, D=3, P=2, dtype=torch.float64, lo=-0.2, hi=1.2, seed=0,
+                   requires_grad=False):
     """Random op inputs with some locations off the maps (see ``random_op_inputs``)."""
-    return random_op_inputs(shapes, loc_range=(lo, hi), **kwargs)
+    return random_op_inputs(shapes, N=N, Lq=Lq, M=M, D=D, P=P, dtype=dtype, loc_range=(lo, hi), seed=seed,
+                            requires_grad=requires_grad)
 
 
 def giou_cxcywh(a, b):

@@ -22,8 +22,8 @@ def random_op_inputs(shapes: Sequence[Sequence[int]], N: int = 2, Lq: int = 5, M
     numbers in every dtype and on every device.
     """
     lo, hi = loc_range
-    if not lo < hi:
-        raise ValueError(f"loc_range must be (low, high) with low < high, got {loc_range!r}")
+    if not lo <= hi:
+        raise ValueError(f"loc_range must be (low, high) with low <= high, got {loc_range!r}")
     g = torch.Generator().manual_seed(seed)
     spatial_shapes = torch.as_tensor(shapes, dtype=torch.int64)  # (L, 2)
     if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
