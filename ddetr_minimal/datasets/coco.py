@@ -26,7 +26,7 @@ zero or negative width/height          dropped with a logged warning naming the 
                                        uses them when evaluating)
 =====================================  ======================================================
 
-:func:`collate_fn` pads a batch to its largest image and builds ``mask (B, H, W)``, True at
+:func:`collate_fn` pads a batch to its largest image and builds ``mask (N, H, W)``, True at
 padding, which the model uses to ignore padded pixels.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ class CocoDetection(torch.utils.data.Dataset):
         for key in ("images", "annotations", "categories"):
             if key not in data:
                 raise ValueError(f"ann_file {str(self.ann_file)!r} has no {key!r} list; is it a COCO instances file?")
-        # contiguous labels 0..K-1 in increasing category id order
+        # contiguous labels 0..num_classes-1 in increasing category id order
         self.cat_ids = sorted(c["id"] for c in data["categories"])
         self.cat_id_to_label = {cid: i for i, cid in enumerate(self.cat_ids)}
         self.class_names = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
@@ -181,7 +181,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 def collate_fn(batch):
-    """Stack ``(image, target)`` pairs into ``(images (B, 3, H, W), mask (B, H, W), targets)``.
+    """Stack ``(image, target)`` pairs into ``(images (N, 3, H, W), mask (N, H, W), targets)``.
 
     Images are padded with zeros at the bottom and right to the largest height and width in
     the batch; ``mask`` is True at padded pixels.
@@ -191,8 +191,8 @@ def collate_fn(batch):
     images, targets = zip(*batch)
     H = max(img.shape[-2] for img in images)
     W = max(img.shape[-1] for img in images)
-    padded = images[0].new_zeros((len(images), 3, H, W))  # (B, 3, H, W)
-    mask = torch.ones((len(images), H, W), dtype=torch.bool)  # (B, H, W)
+    padded = images[0].new_zeros((len(images), 3, H, W))  # (N, 3, H, W)
+    mask = torch.ones((len(images), H, W), dtype=torch.bool)  # (N, H, W)
     for i, img in enumerate(images):
         if img.dim() != 3 or img.shape[0] != 3:
             raise ValueError(f"batch item {i} image has shape {tuple(img.shape)}, expected (3, H, W)")

@@ -30,16 +30,16 @@ def deformable_attention_flops(n_q: int, n_v: int, d_model: int, n_heads: int = 
                                n_levels: int = 1, n_points: int = 4) -> int:
     """FLOPs of one (multi-scale) deformable attention layer.
 
-    The paper's count is O(2 N_q C^2 + min(HW C^2, N_q K C^2)) (+5 N_q K C for sampling):
+    The paper's count is O(2 N_q C^2 + min(HW C^2, N_q P C^2)) (+5 N_q P C for sampling):
     the value projection over the N_v positions, the offset/weight predictions (3MLK channels)
-    and output projection per query, and for each of the M*L*K samples a bilinear read
+    and output projection per query, and for each of the M*L*P samples a bilinear read
     (4 neighbours) and a weighted accumulate of D = C / M channels.
     """
-    C, M, L, K = d_model, n_heads, n_levels, n_points
+    C, M, L, P = d_model, n_heads, n_levels, n_points
     value_proj = 2 * n_v * C * C
-    predict = 2 * n_q * C * (3 * M * L * K)
+    predict = 2 * n_q * C * (3 * M * L * P)
     output_proj = 2 * n_q * C * C
-    sampling = n_q * L * K * C * (2 * 4 + 2)  # 4 bilinear multiply-adds + 1 weighted add, per channel
+    sampling = n_q * L * P * C * (2 * 4 + 2)  # 4 bilinear multiply-adds + 1 weighted add, per channel
     return value_proj + predict + output_proj + sampling
 
 

@@ -46,8 +46,8 @@ class MultiHeadAttention(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        N, L, C = x.shape
-        return x.view(N, L, self.n_heads, C // self.n_heads).transpose(1, 2)  # (N, M, L, D)
+        N, length, C = x.shape
+        return x.view(N, length, self.n_heads, C // self.n_heads).transpose(1, 2)  # (N, M, length, D)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:

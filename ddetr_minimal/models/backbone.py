@@ -3,9 +3,9 @@
 Both have the same interface::
 
     features, masks = backbone(images, mask)
-    images (B, 3, H, W) float, mask (B, H, W) bool (True = padding)
-    features[i] (B, num_channels[i], H / strides[i], W / strides[i]) for strides 8, 16, 32
-    masks[i]    (B, H / strides[i], W / strides[i]) bool, the padding mask at that stride
+    images (N, 3, H, W) float, mask (N, H, W) bool (True = padding)
+    features[i] (N, num_channels[i], H / strides[i], W / strides[i]) for strides 8, 16, 32
+    masks[i]    (N, H / strides[i], W / strides[i]) bool, the padding mask at that stride
 
 Deformable DETR reads all three maps (C3, C4, C5 of the paper); DETR reads the last one.
 The paper's fourth level (stride 64) is a 3x3 stride-2 convolution on C5. As in the official
@@ -28,21 +28,21 @@ from ..ops.checks import shape_str
 
 
 def check_images(images: torch.Tensor, mask: torch.Tensor) -> None:
-    """Raise a clear error unless ``images`` is (B, 3, H, W) float and ``mask`` (B, H, W) bool."""
+    """Raise a clear error unless ``images`` is (N, 3, H, W) float and ``mask`` (N, H, W) bool."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         got = shape_str(images) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a tensor of shape (B, 3, H, W), got {got}")
+        raise ValueError(f"images must be a tensor of shape (N, 3, H, W), got {got}")
     if not images.is_floating_point():
         raise TypeError(f"images must be a floating-point tensor (ImageNet-normalised), got dtype {images.dtype}")
-    B, _, H, W = images.shape
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, H, W):
+    N, _, H, W = images.shape
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (N, H, W):
         got = f"dtype {mask.dtype} and shape {shape_str(mask)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a bool tensor of shape ({B}, {H}, {W}) (True = padding), got {got}")
+        raise ValueError(f"mask must be a bool tensor of shape ({N}, {H}, {W}) (True = padding), got {got}")
 
 
 def downsample_mask(mask: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a padding mask (B, H, W) to (B, h, w)."""
-    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]  # (B, h, w)
+    """Nearest-neighbour resize of a padding mask (N, H, W) to (N, h, w)."""
+    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]  # (N, h, w)
 
 
 class ResNetBackbone(nn.Module):
@@ -78,11 +78,11 @@ class ResNetBackbone(nn.Module):
         """Returns ([C3, C4, C5], [mask3, mask4, mask5]); see the module docstring."""
         check_images(images, mask)
         b = self.body
-        x = b.maxpool(b.relu(b.bn1(b.conv1(images))))  # (B, 64, H/4, W/4)
-        c2 = b.layer1(x)  # (B, 256, H/4, W/4)
-        c3 = b.layer2(c2)  # (B, 512, H/8, W/8)
-        c4 = b.layer3(c3)  # (B, 1024, H/16, W/16)
-        c5 = b.layer4(c4)  # (B, 2048, H/32, W/32)
+        x = b.maxpool(b.relu(b.bn1(b.conv1(images))))  # (N, 64, H/4, W/4)
+        c2 = b.layer1(x)  # (N, 256, H/4, W/4)
+        c3 = b.layer2(c2)  # (N, 512, H/8, W/8)
+        c4 = b.layer3(c3)  # (N, 1024, H/16, W/16)
+        c5 = b.layer4(c4)  # (N, 2048, H/32, W/32)
         features = [c3, c4, c5]
         return features, [downsample_mask(mask, f.shape[-2:]) for f in features]
 
@@ -135,10 +135,10 @@ class SmallBackbone(nn.Module):
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Returns ([C3, C4, C5], [mask3, mask4, mask5]) at strides 8, 16, 32."""
         check_images(images, mask)
-        x = self.stem(images)  # (B, stem, H/4, W/4)
-        c3 = self.stage3(x)  # (B, c3, H/8, W/8)
-        c4 = self.stage4(c3)  # (B, c4, H/16, W/16)
-        c5 = self.stage5(c4)  # (B, c5, H/32, W/32)
+        x = self.stem(images)  # (N, stem, H/4, W/4)
+        c3 = self.stage3(x)  # (N, c3, H/8, W/8)
+        c4 = self.stage4(c3)  # (N, c4, H/16, W/16)
+        c5 = self.stage5(c4)  # (N, c5, H/32, W/32)
         features = [c3, c4, c5]
         return features, [downsample_mask(mask, f.shape[-2:]) for f in features]
 

@@ -43,7 +43,7 @@ def build_model(model: str = "deformable", *, num_classes: int, backbone: str = 
 
     Args:
         model: "deformable" (Deformable DETR) or "detr" (the DETR baseline).
-        num_classes: object classes K (contiguous labels 0..K-1; 91 for COCO's category ids).
+        num_classes: object classes (contiguous labels 0..num_classes-1; 91 for COCO's category ids).
         backbone: "resnet50" (frozen-BN ResNet-50) or "small" (a small CNN for toy data).
         pretrained_backbone: load ImageNet weights into the ResNet (needs the network).
         train_backbone: train ResNet stages 2-4 (False freezes the whole backbone).

@@ -43,7 +43,7 @@ class SetCriterion(nn.Module):
     """Losses of DETR-style detectors.
 
     Args:
-        num_classes: object classes K (without "no object").
+        num_classes: object classes (without "no object").
         matcher: a :class:`HungarianMatcher`.
         loss_weights: weights of ``loss_ce``, ``loss_bbox``, ``loss_giou``
             (default 2, 5, 2 for focal; 1, 5, 2 for cross-entropy, as in DETR).
@@ -78,17 +78,17 @@ class SetCriterion(nn.Module):
 
     # ----------------------------------------------------------------------------------
     def loss_labels(self, logits: torch.Tensor, targets, indices, num_boxes: float) -> torch.Tensor:
-        """Classification loss over all queries; logits (B, Q, K) focal or (B, Q, K+1) softmax."""
-        B, Q, _ = logits.shape
-        K = self.num_classes
-        target_classes = torch.full((B, Q), K, dtype=torch.int64, device=logits.device)  # K = no object
+        """Classification loss over all queries; logits (N, Lq, num_classes) focal or (N, Lq, num_classes + 1) softmax."""
+        N, Lq, _ = logits.shape
+        num_classes = self.num_classes
+        target_classes = torch.full((N, Lq), num_classes, dtype=torch.int64, device=logits.device)  # num_classes = no object
         for b, (src, tgt) in enumerate(indices):
             target_classes[b, src.to(logits.device)] = targets[b]["labels"].to(logits.device)[tgt]
         if self.focal:
-            onehot = F.one_hot(target_classes, K + 1)[..., :K].to(logits.dtype)  # (B, Q, K): no object = all zeros
+            onehot = F.one_hot(target_classes, num_classes + 1)[..., :num_classes].to(logits.dtype)  # (N, Lq, num_classes): no object = all zeros
             loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum")
             return loss / num_boxes
-        per_class = logits.transpose(1, 2)  # (B, K+1, Q): classes on dim 1, as cross_entropy wants
+        per_class = logits.transpose(1, 2)  # (N, num_classes + 1, Lq): classes on dim 1, as cross_entropy wants
         return F.cross_entropy(per_class, target_classes, weight=self.empty_weight.to(logits.dtype))
 
     def loss_boxes(self, boxes: torch.Tensor, targets, indices, num_boxes: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -110,13 +110,13 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: Dict[str, object], targets: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """outputs: the model's dict; targets: one dict per image (``labels``, ``boxes``).
         Returns every individual loss (see :attr:`weight_dict` for their names)."""
-        B, _ = check_predictions(outputs)
+        N, _ = check_predictions(outputs)
         expected = self.num_classes if self.focal else self.num_classes + 1
         if outputs["pred_logits"].shape[-1] != expected:
-            kind = "focal (K logits)" if self.focal else "cross-entropy (K + 1 logits, last = no object)"
+            kind = "focal (num_classes logits)" if self.focal else "cross-entropy (num_classes + 1 logits, last = no object)"
             raise ValueError(f"pred_logits has {outputs['pred_logits'].shape[-1]} classes but the criterion uses "
-                             f"{kind} with K={self.num_classes}: expected {expected}")
-        check_targets(targets, B, self.num_classes)
+                             f"{kind} with num_classes={self.num_classes}: expected {expected}")
+        check_targets(targets, N, self.num_classes)
         num_boxes = num_boxes_across_processes(targets, outputs["pred_logits"].device)
         losses = self.losses_of(outputs, targets, num_boxes)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):

@@ -5,7 +5,7 @@ the attention is shared with Deformable DETR: backbone, sine positions, box MLP,
 losses, post-processing. The encoder's self-attention over all ``HW`` tokens costs
 ``O(H^2 W^2 C)``, which is why DETR only looks at the coarsest map.
 
-DETR classifies with a softmax over ``K + 1`` classes, the last being "no object", and
+DETR classifies with a softmax over ``num_classes + 1`` classes, the last being "no object", and
 down-weights that class by 0.1 in the cross-entropy. The paper's fairer "DETR+" baseline
 (``focal=True``) uses sigmoid outputs with focal loss and 300 queries, like Deformable DETR.
 """
@@ -36,9 +36,9 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, src, pos, padding_mask):
-        """src, pos (B, S, C); padding_mask (B, S) bool. Returns (B, S, C)."""
+        """src, pos (N, S, C); padding_mask (N, S) bool. Returns (N, S, C)."""
         q = k = src + pos
-        attn, _ = self.self_attn(q, k, src, key_padding_mask=padding_mask)  # (B, S, C)
+        attn, _ = self.self_attn(q, k, src, key_padding_mask=padding_mask)  # (N, S, C)
         src = self.norm1(src + self.dropout(attn))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout(ffn))
@@ -58,11 +58,11 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tgt, query_pos, memory, pos, padding_mask):
-        """tgt, query_pos (B, Q, C); memory, pos (B, S, C); padding_mask (B, S). Returns (B, Q, C)."""
+        """tgt, query_pos (N, Lq, C); memory, pos (N, S, C); padding_mask (N, S). Returns (N, Lq, C)."""
         q = k = tgt + query_pos
-        attn, _ = self.self_attn(q, k, tgt)  # (B, Q, C)
+        attn, _ = self.self_attn(q, k, tgt)  # (N, Lq, C)
         tgt = self.norm1(tgt + self.dropout(attn))
-        attn, _ = self.cross_attn(tgt + query_pos, memory + pos, memory, key_padding_mask=padding_mask)  # (B, Q, C)
+        attn, _ = self.cross_attn(tgt + query_pos, memory + pos, memory, key_padding_mask=padding_mask)  # (N, Lq, C)
         tgt = self.norm2(tgt + self.dropout(attn))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout(ffn))
@@ -85,20 +85,20 @@ class DETRTransformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(self, src, mask, query_embed, pos):
-        """src, pos (B, C, H, W); mask (B, H, W); query_embed (Q, C). Returns hs (D, B, Q, C)."""
-        B = src.shape[0]
-        src = src.flatten(2).transpose(1, 2)  # (B, HW, C)
-        pos = pos.flatten(2).transpose(1, 2)  # (B, HW, C)
-        mask = mask.flatten(1)  # (B, HW)
+        """src, pos (N, C, H, W); mask (N, H, W); query_embed (Lq, C). Returns hs (num_decoder_layers, N, Lq, C)."""
+        N = src.shape[0]
+        src = src.flatten(2).transpose(1, 2)  # (N, HW, C)
+        pos = pos.flatten(2).transpose(1, 2)  # (N, HW, C)
+        mask = mask.flatten(1)  # (N, HW)
         for layer in self.encoder_layers:
             src = layer(src, pos, mask)
-        query_pos = query_embed[None].expand(B, -1, -1)  # (B, Q, C)
-        tgt = torch.zeros_like(query_pos)  # (B, Q, C)
+        query_pos = query_embed[None].expand(N, -1, -1)  # (N, Lq, C)
+        tgt = torch.zeros_like(query_pos)  # (N, Lq, C)
         hs = []
         for layer in self.decoder_layers:
             tgt = layer(tgt, query_pos, src, pos, mask)
             hs.append(self.decoder_norm(tgt))
-        return torch.stack(hs)  # (D, B, Q, C)
+        return torch.stack(hs)  # (num_decoder_layers, N, Lq, C)
 
 
 class DETR(nn.Module):
@@ -107,10 +107,10 @@ class DETR(nn.Module):
     Args:
         backbone: a module with the interface of :mod:`ddetr_minimal.models.backbone`.
         transformer: a :class:`DETRTransformer`.
-        num_classes: object classes K. Softmax models output K + 1 logits (last = no object).
+        num_classes: object classes. Softmax models output num_classes + 1 logits (last = no object).
         num_queries: object queries (100 in DETR, 300 in DETR+).
         aux_loss: also return every earlier decoder layer's predictions.
-        focal: sigmoid outputs for focal loss (DETR+), K logits with the prior bias.
+        focal: sigmoid outputs for focal loss (DETR+), num_classes logits with the prior bias.
     """
 
     def __init__(self, backbone: nn.Module, transformer: DETRTransformer, num_classes: int, num_queries: int = 100,
@@ -130,18 +130,18 @@ class DETR(nn.Module):
                 nn.init.constant_(self.class_embed.bias, focal_bias_prior())
 
     def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Dict[str, object]:
-        """images (B, 3, H, W), mask (B, H, W) bool (True = padding; None = no padding).
+        """images (N, 3, H, W), mask (N, H, W) bool (True = padding; None = no padding).
 
-        Returns ``pred_logits`` (B, Q, K+1), or (B, Q, K) with ``focal``, ``pred_boxes``
-        (B, Q, 4) normalised (cx, cy, w, h), and ``aux_outputs`` for earlier decoder layers.
+        Returns ``pred_logits`` (N, Lq, num_classes + 1), or (N, Lq, num_classes) with ``focal``, ``pred_boxes``
+        (N, Lq, 4) normalised (cx, cy, w, h), and ``aux_outputs`` for earlier decoder layers.
         """
         if mask is None and isinstance(images, torch.Tensor) and images.dim() == 4:
             mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
         check_images(images, mask)
         features, masks = self.backbone(images, mask)
-        src, m = features[-1], masks[-1]  # (B, C5, H/32, W/32), (B, H/32, W/32)
-        pos = self.position_embedding(m).to(src.dtype)  # (B, C, H/32, W/32)
-        hs = self.transformer(self.input_proj(src), m, self.query_embed.weight, pos)  # (D, B, Q, C)
-        logits = self.class_embed(hs)  # (D, B, Q, K[+1])
-        boxes = self.bbox_embed(hs).sigmoid()  # (D, B, Q, 4)
+        src, m = features[-1], masks[-1]  # (N, C5, H/32, W/32), (N, H/32, W/32)
+        pos = self.position_embedding(m).to(src.dtype)  # (N, C, H/32, W/32)
+        hs = self.transformer(self.input_proj(src), m, self.query_embed.weight, pos)  # (num_decoder_layers, N, Lq, C)
+        logits = self.class_embed(hs)  # (num_decoder_layers, N, Lq, num_classes[+1])
+        boxes = self.bbox_embed(hs).sigmoid()  # (num_decoder_layers, N, Lq, 4)
         return predictions(logits, boxes, self.aux_loss)

@@ -1,6 +1,6 @@
 """Hungarian matching between predictions and ground-truth objects (DETR, Sec. 3.1).
 
-Every image has ``Q`` predictions and ``n <= Q`` objects. The matcher builds a ``Q x n``
+Every image has ``Lq`` predictions and ``n <= Lq`` objects. The matcher builds a ``Lq x n``
 cost matrix and picks the one-to-one assignment of minimum total cost with
 :func:`scipy.optimize.linear_sum_assignment`. The cost of pairing prediction ``i`` with
 object ``j`` is a weighted sum of three terms::
@@ -52,12 +52,12 @@ def check_targets(targets, batch_size: int, num_classes: int) -> None:
 
 
 def check_predictions(outputs: Dict[str, torch.Tensor]) -> Tuple[int, int]:
-    """Check ``pred_logits`` (B, Q, K) and ``pred_boxes`` (B, Q, 4); return (B, Q)."""
+    """Check ``pred_logits`` (N, Lq, num_classes) and ``pred_boxes`` (N, Lq, 4); return (N, Lq)."""
     if not isinstance(outputs, dict) or "pred_logits" not in outputs or "pred_boxes" not in outputs:
-        raise ValueError("outputs must be a dict with 'pred_logits' (B, Q, K) and 'pred_boxes' (B, Q, 4)")
+        raise ValueError("outputs must be a dict with 'pred_logits' (N, Lq, num_classes) and 'pred_boxes' (N, Lq, 4)")
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     if logits.dim() != 3 or boxes.dim() != 3 or boxes.shape[-1] != 4 or logits.shape[:2] != boxes.shape[:2]:
-        raise ValueError(f"pred_logits must have shape (B, Q, K) and pred_boxes (B, Q, 4) with the same B, Q; "
+        raise ValueError(f"pred_logits must have shape (N, Lq, num_classes) and pred_boxes (N, Lq, 4) with the same N, Lq; "
                          f"got {shape_str(logits)} and {shape_str(boxes)}")
     return logits.shape[0], logits.shape[1]
 
@@ -80,35 +80,35 @@ class HungarianMatcher(nn.Module):
         self.focal, self.focal_alpha, self.focal_gamma = focal, focal_alpha, focal_gamma
 
     def class_cost(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """logits (Q, K) or (Q, K+1), labels (n,) -> (Q, n)."""
+        """logits (Lq, num_classes) or (Lq, num_classes + 1), labels (n,) -> (Lq, n)."""
         if self.focal:
-            p = logits.sigmoid()  # (Q, K)
+            p = logits.sigmoid()  # (Lq, num_classes)
             a, g, eps = self.focal_alpha, self.focal_gamma, 1e-8
-            pos = a * (1 - p) ** g * -(p + eps).log()  # (Q, K): focal loss if labelled positive
-            neg = (1 - a) * p ** g * -(1 - p + eps).log()  # (Q, K): focal loss if labelled negative
-            return pos[:, labels] - neg[:, labels]  # (Q, n)
-        return -logits.softmax(-1)[:, labels]  # (Q, n)
+            pos = a * (1 - p) ** g * -(p + eps).log()  # (Lq, num_classes): focal loss if labelled positive
+            neg = (1 - a) * p ** g * -(1 - p + eps).log()  # (Lq, num_classes): focal loss if labelled negative
+            return pos[:, labels] - neg[:, labels]  # (Lq, n)
+        return -logits.softmax(-1)[:, labels]  # (Lq, n)
 
     def cost_matrix(self, logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
                     target_boxes: torch.Tensor) -> torch.Tensor:
-        """The (Q, n) matching cost of one image: logits (Q, K[+1]), boxes (Q, 4), labels (n,),
+        """The (Lq, n) matching cost of one image: logits (Lq, num_classes[+1]), boxes (Lq, 4), labels (n,),
         target_boxes (n, 4), boxes as normalised (cx, cy, w, h)."""
-        c_class = self.class_cost(logits, labels)  # (Q, n)
-        c_bbox = torch.cdist(boxes, target_boxes.to(boxes.dtype), p=1)  # (Q, n)
+        c_class = self.class_cost(logits, labels)  # (Lq, n)
+        c_bbox = torch.cdist(boxes, target_boxes.to(boxes.dtype), p=1)  # (Lq, n)
         c_giou = -generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
-                                      box_convert(target_boxes.to(boxes.dtype), "cxcywh", "xyxy"))  # (Q, n)
+                                      box_convert(target_boxes.to(boxes.dtype), "cxcywh", "xyxy"))  # (Lq, n)
         return self.cost_class * c_class + self.cost_bbox * c_bbox + self.cost_giou * c_giou
 
     @torch.no_grad()
     def forward(self, outputs: Dict[str, torch.Tensor], targets: Sequence[Dict[str, torch.Tensor]]
                 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Match every image; returns one (pred_indices, target_indices) int64 pair per image,
-        both of length min(Q, n): prediction ``pred_indices[k]`` is paired with object
+        both of length min(Lq, n): prediction ``pred_indices[k]`` is paired with object
         ``target_indices[k]``. Images without objects give two empty tensors."""
-        B, Q = check_predictions(outputs)
+        N, Lq = check_predictions(outputs)
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         num_classes = logits.shape[-1] if self.focal else logits.shape[-1] - 1
-        check_targets(targets, B, num_classes)
+        check_targets(targets, N, num_classes)
         indices = []
         for b, t in enumerate(targets):
             labels, target_boxes = t["labels"].to(logits.device), t["boxes"].to(logits.device)
@@ -116,7 +116,7 @@ class HungarianMatcher(nn.Module):
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
-            cost = self.cost_matrix(logits[b].float(), boxes[b].float(), labels, target_boxes.float())  # (Q, n)
+            cost = self.cost_matrix(logits[b].float(), boxes[b].float(), labels, target_boxes.float())  # (Lq, n)
             why = [f"{name} holds NaN/inf" for name, t in (("pred_logits", logits[b]), ("pred_boxes", boxes[b]),
                                                              (f"targets[{b}]['boxes']", target_boxes))
                    if not torch.isfinite(t).all()]

@@ -48,38 +48,38 @@ class PositionEmbeddingSine(nn.Module):
         self.normalize, self.scale, self.offset = normalize, scale, offset
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
-        """mask: (B, H, W) bool, True at padded pixels. Returns (B, 2*num_pos_feats, H, W)."""
+        """mask: (N, H, W) bool, True at padded pixels. Returns (N, 2*num_pos_feats, H, W)."""
         if not isinstance(mask, torch.Tensor) or mask.dim() != 3 or mask.dtype != torch.bool:
             got = f"dtype {mask.dtype} and shape {shape_str(mask)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"mask must be a bool tensor of shape (B, H, W), got {got}")
+            raise ValueError(f"mask must be a bool tensor of shape (N, H, W), got {got}")
         not_mask = ~mask
-        y = not_mask.cumsum(1, dtype=torch.float32)  # (B, H, W): 1-based row among valid pixels
-        x = not_mask.cumsum(2, dtype=torch.float32)  # (B, H, W): 1-based column
+        y = not_mask.cumsum(1, dtype=torch.float32)  # (N, H, W): 1-based row among valid pixels
+        x = not_mask.cumsum(2, dtype=torch.float32)  # (N, H, W): 1-based column
         if self.normalize:
             eps = 1e-6
-            y = (y + self.offset) / (y[:, -1:, :] + eps) * self.scale  # (B, H, W) in [0, scale]
-            x = (x + self.offset) / (x[:, :, -1:] + eps) * self.scale  # (B, H, W)
+            y = (y + self.offset) / (y[:, -1:, :] + eps) * self.scale  # (N, H, W) in [0, scale]
+            x = (x + self.offset) / (x[:, :, -1:] + eps) * self.scale  # (N, H, W)
         i = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)  # (F,)
         dim_t = self.temperature ** (2 * (i // 2) / self.num_pos_feats)  # (F,) pairs share a frequency
-        pos_x = x[..., None] / dim_t  # (B, H, W, F)
-        pos_y = y[..., None] / dim_t  # (B, H, W, F)
+        pos_x = x[..., None] / dim_t  # (N, H, W, F)
+        pos_y = y[..., None] / dim_t  # (N, H, W, F)
         # interleave: even channels sin, odd channels cos
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)  # (B, H, W, F)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)  # (B, H, W, F)
-        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (B, 2F, H, W)
+        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)  # (N, H, W, F)
+        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)  # (N, H, W, F)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (N, 2F, H, W)
 
 
 def sine_embed_boxes(boxes_unact: torch.Tensor, d_model: int, temperature: float = 10000.0) -> torch.Tensor:
     """Sine embedding of box coordinates, used by two-stage Deformable DETR for its queries.
 
-    boxes_unact: (N, K, 4) boxes before the sigmoid (inverse-sigmoid space). Each of the four
+    boxes_unact: (N, Lq, 4) boxes before the sigmoid (inverse-sigmoid space). Each of the four
     sigmoid-ed coordinates, scaled to ``[0, 2*pi]``, gets ``d_model / 2`` sine/cosine channels.
-    Returns (N, K, 2 * d_model).
+    Returns (N, Lq, 2 * d_model).
     """
     F = d_model // 2
     i = torch.arange(F, dtype=torch.float32, device=boxes_unact.device)  # (F,)
     dim_t = temperature ** (2 * (i // 2) / F)  # (F,)
-    pos = boxes_unact.sigmoid() * (2 * math.pi)  # (N, K, 4)
-    pos = pos[..., None] / dim_t  # (N, K, 4, F)
-    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)  # (N, K, 4F)
+    pos = boxes_unact.sigmoid() * (2 * math.pi)  # (N, Lq, 4)
+    pos = pos[..., None] / dim_t  # (N, Lq, 4, F)
+    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)  # (N, Lq, 4F)
     return pos

@@ -36,21 +36,21 @@ class PostProcess(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: Dict[str, torch.Tensor], target_sizes: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
-        """outputs: ``pred_logits`` (B, Q, K[+1]), ``pred_boxes`` (B, Q, 4); target_sizes (B, 2) as (h, w)."""
-        B, Q = check_predictions(outputs)
+        """outputs: ``pred_logits`` (N, Lq, num_classes[+1]), ``pred_boxes`` (N, Lq, 4); target_sizes (N, 2) as (h, w)."""
+        N, Lq = check_predictions(outputs)
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         target_sizes = torch.as_tensor(target_sizes, device=boxes.device)
-        if target_sizes.dim() != 2 or tuple(target_sizes.shape) != (B, 2):
-            raise ValueError(f"target_sizes must have shape ({B}, 2) holding (h, w) per image, got {shape_str(target_sizes)}")
+        if target_sizes.dim() != 2 or tuple(target_sizes.shape) != (N, 2):
+            raise ValueError(f"target_sizes must have shape ({N}, 2) holding (h, w) per image, got {shape_str(target_sizes)}")
         if self.focal:
-            K = logits.shape[-1]
-            prob = logits.sigmoid().flatten(1)  # (B, Q*K)
-            scores, idx = prob.topk(min(self.num_select, Q * K), dim=1)  # (B, k)
-            query, labels = idx // K, idx % K  # (B, k) each
-            boxes = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))  # (B, k, 4)
+            num_classes = logits.shape[-1]
+            prob = logits.sigmoid().flatten(1)  # (N, Lq*num_classes)
+            scores, idx = prob.topk(min(self.num_select, Lq * num_classes), dim=1)  # (N, k)
+            query, labels = idx // num_classes, idx % num_classes  # (N, k) each
+            boxes = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))  # (N, k, 4)
         else:
-            scores, labels = logits.softmax(-1)[..., :-1].max(-1)  # (B, Q): best real class per query
-        xyxy = box_convert(boxes, "cxcywh", "xyxy")  # (B, k, 4) normalised
-        h, w = target_sizes.to(xyxy.dtype).unbind(1)  # (B,) each
-        xyxy = xyxy * torch.stack([w, h, w, h], 1)[:, None, :]  # (B, k, 4) pixels
+            scores, labels = logits.softmax(-1)[..., :-1].max(-1)  # (N, Lq): best real class per query
+        xyxy = box_convert(boxes, "cxcywh", "xyxy")  # (N, k, 4) normalised
+        h, w = target_sizes.to(xyxy.dtype).unbind(1)  # (N,) each
+        xyxy = xyxy * torch.stack([w, h, w, h], 1)[:, None, :]  # (N, k, 4) pixels
         return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, xyxy)]

@@ -47,7 +47,7 @@ def _to_float(obj):
 def _reduce_mean(values: dict, count: int, device) -> dict:
     """Average running sums over all samples seen by all ranks."""
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys] + [float(count)], dtype=torch.float64, device=device)  # (K+1,)
+    t = torch.tensor([values[k] for k in keys] + [float(count)], dtype=torch.float64, device=device)  # (num_classes + 1,)
     if is_dist():
         dist.all_reduce(t)
     return {k: float(t[i] / max(t[-1].item(), 1.0)) for i, k in enumerate(keys)}
@@ -117,7 +117,7 @@ def evaluate(model, criterion, postprocessor, loader, dataset, device, amp: bool
             loss = criterion.total_loss(criterion(outputs, targets))
             sums["val_loss"] += loss.item() * images.shape[0]
             count += images.shape[0]
-        sizes = torch.stack([t["orig_size"] for t in targets])  # (B, 2) as (h, w)
+        sizes = torch.stack([t["orig_size"] for t in targets])  # (N, 2) as (h, w)
         detections = postprocessor(outputs, sizes)
         detections = [{k: v.cpu() for k, v in d.items()} for d in detections]
         results += to_coco_results([t["image_id"] for t in targets], detections, dataset.cat_ids)

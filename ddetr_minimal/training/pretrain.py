@@ -39,7 +39,7 @@ from ..measure.records import save_atomic
 class CellClassifier(nn.Module):
     """A backbone plus a 1x1 convolution per level that labels every feature cell with the class
     of the object covering it, or background (class ``num_classes``).
-    Returns a list of (B, num_classes + 1, H_l, W_l) logits, one per level."""
+    Returns a list of (N, num_classes + 1, H_l, W_l) logits, one per level."""
 
     def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()
@@ -52,11 +52,11 @@ class CellClassifier(nn.Module):
 
 
 def cell_targets(targets: list[dict], mask: torch.Tensor, shape: tuple[int, int], num_classes: int) -> torch.Tensor:
-    """(B, h, w) int64 labels of the cells of a ``shape`` map: the class of the smallest box that
+    """(N, h, w) int64 labels of the cells of a ``shape`` map: the class of the smallest box that
     contains the cell's centre, ``num_classes`` for background, -100 (ignored) on padding."""
-    B, (h, w) = len(targets), shape
+    N, (h, w) = len(targets), shape
     H, W = mask.shape[-2:]
-    out = torch.full((B, h, w), num_classes, dtype=torch.long)
+    out = torch.full((N, h, w), num_classes, dtype=torch.long)
     ys = (torch.arange(h) + 0.5) * H / h  # cell centres in padded-image pixels
     xs = (torch.arange(w) + 0.5) * W / w
     for i, t in enumerate(targets):

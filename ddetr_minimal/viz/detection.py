@@ -64,30 +64,30 @@ def plot_cost_matrix(cost: ArrayLike, rows: Optional[ArrayLike] = None, cols: Op
                      ax: Optional[Axes] = None, title: str = "Matching cost",
                      row_labels: Optional[Sequence[str]] = None, col_labels: Optional[Sequence[str]] = None,
                      cmap: str = "viridis") -> Axes:
-    """A (Q, n) cost matrix as a heatmap with its value in every cell; the matched cells
+    """A (Lq, n) cost matrix as a heatmap with its value in every cell; the matched cells
     ``(rows[k], cols[k])`` (as returned by the matcher) are outlined in red."""
     c = _numpy(cost).astype(float)
     if c.ndim != 2:
-        raise ValueError(f"cost must be a 2-d matrix (Q, n), got shape {c.shape}")
-    Q, n = c.shape
-    for name, labels, size in (("row_labels", row_labels, Q), ("col_labels", col_labels, n)):
+        raise ValueError(f"cost must be a 2-d matrix (Lq, n), got shape {c.shape}")
+    Lq, n = c.shape
+    for name, labels, size in (("row_labels", row_labels, Lq), ("col_labels", col_labels, n)):
         if labels is not None and len(labels) != size:
             raise ValueError(f"{name} must have {size} entries to match cost {c.shape}, got {len(labels)}")
     r = [] if rows is None else [int(v) for v in _numpy(rows).reshape(-1)]
     k = [] if cols is None else [int(v) for v in _numpy(cols).reshape(-1)]
     if len(r) != len(k):
         raise ValueError(f"rows and cols must have the same length, got {len(r)} and {len(k)}")
-    ax = _axes(ax, figsize=(0.9 * n + 2, 0.45 * Q + 1.5))
+    ax = _axes(ax, figsize=(0.9 * n + 2, 0.45 * Lq + 1.5))
     im = ax.imshow(c, cmap=cmap, aspect="auto")
     mid = (np.nanmax(c) + np.nanmin(c)) / 2
-    for i in range(Q):
+    for i in range(Lq):
         for j in range(n):
             ax.text(j, i, f"{c[i, j]:.2f}", ha="center", va="center", fontsize="x-small",
                     color="white" if c[i, j] < mid else "black")
     for i, j in zip(r, k):
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
     ax.set_xticks(range(n), col_labels if col_labels is not None else [str(j) for j in range(n)])
-    ax.set_yticks(range(Q), row_labels if row_labels is not None else [str(i) for i in range(Q)])
+    ax.set_yticks(range(Lq), row_labels if row_labels is not None else [str(i) for i in range(Lq)])
     ax.set_xlabel("ground-truth object")
     ax.set_ylabel("prediction")
     ax.set_title(title)
@@ -116,7 +116,7 @@ def plot_matching(ax: Axes, gt_boxes: ArrayLike, pred_boxes: ArrayLike, pred_idx
                          f"gt_idx {gi} for {len(gt)} objects")
     palette = plt.cm.tab10.colors
     gt_xyxy = box_convert(gt, box_format, "xyxy").numpy()  # (n, 4)
-    pred_xyxy = box_convert(pred, box_format, "xyxy").numpy()  # (Q, 4)
+    pred_xyxy = box_convert(pred, box_format, "xyxy").numpy()  # (Lq, 4)
     partner = dict(zip(pi, gi))
     for j, (x0, y0, x1, y1) in enumerate(gt_xyxy):
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=palette[j % 10], linewidth=2.5))

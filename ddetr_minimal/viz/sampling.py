@@ -80,10 +80,10 @@ def plot_bilinear_neighbours(loc_xy: Tuple[float, float], H: int, W: int,
 def _check_locations(locations: torch.Tensor, weights: Optional[torch.Tensor]) -> None:
     if not isinstance(locations, torch.Tensor) or locations.dim() != 5 or locations.shape[-1] != 2:
         got = shape_str(locations) if isinstance(locations, torch.Tensor) else type(locations).__name__
-        raise ValueError(f"locations must be a tensor of shape (Lq, M, L, K, 2), got {got}")
+        raise ValueError(f"locations must be a tensor of shape (Lq, M, L, P, 2), got {got}")
     if weights is not None and tuple(weights.shape) != tuple(locations.shape[:-1]):
         raise ValueError(
-            f"weights must have shape {tuple(locations.shape[:-1])} (Lq, M, L, K) to match locations "
+            f"weights must have shape {tuple(locations.shape[:-1])} (Lq, M, L, P) to match locations "
             f"{shape_str(locations)}, got {shape_str(weights)}"
         )
 
@@ -94,8 +94,8 @@ def plot_sampling_points(image, locations: torch.Tensor, weights: Optional[torch
                          title: str = "Sampling points") -> Axes:
     """Sampling points of some queries on an image, one colour per head.
 
-    ``locations`` (Lq, M, L, K, 2) normalised (x, y), as returned by
-    :meth:`MSDeformAttn.sampling` for one image; ``weights`` (Lq, M, L, K) scale the markers
+    ``locations`` (Lq, M, L, P, 2) normalised (x, y), as returned by
+    :meth:`MSDeformAttn.sampling` for one image; ``weights`` (Lq, M, L, P) scale the markers
     (area proportional to the weight); ``reference_points`` (Lq, 2) are drawn as crosses.
     ``level=None`` draws the points of every level, an integer only that level's.
     """
@@ -104,7 +104,7 @@ def plot_sampling_points(image, locations: torch.Tensor, weights: Optional[torch
     img = _image_hwc(image)
     Hi, Wi = img.shape[:2]
     ax.imshow(img, extent=(0, Wi, Hi, 0))
-    Lq, M, L, K, _ = locations.shape
+    Lq, M, L, P, _ = locations.shape
     heads = list(range(M)) if heads is None else list(heads)
     if any(not 0 <= m < M for m in heads):
         raise ValueError(f"heads must index the {M} heads of locations, got {heads}")
@@ -115,8 +115,8 @@ def plot_sampling_points(image, locations: torch.Tensor, weights: Optional[torch
     w = None if weights is None else _numpy(weights)
     colors = plt.cm.hsv(np.linspace(0, 1, M, endpoint=False))
     for m in heads:
-        pts = loc[:, m][:, levels].reshape(-1, 2)  # (Lq*L'*K, 2)
-        size = 30.0 if w is None else 30.0 * len(levels) * K * w[:, m][:, levels].reshape(-1)  # (Lq*L'*K,)
+        pts = loc[:, m][:, levels].reshape(-1, 2)  # (Lq*L'*P, 2)
+        size = 30.0 if w is None else 30.0 * len(levels) * P * w[:, m][:, levels].reshape(-1)  # (Lq*L'*P,)
         ax.scatter(pts[:, 0] * Wi, pts[:, 1] * Hi, s=size, color=colors[m], edgecolors="black",
                    linewidths=0.5, label=f"head {m}", zorder=3)
     if reference_points is not None:
@@ -144,7 +144,7 @@ def plot_sampling_levels(image, locations: torch.Tensor, spatial_shapes: torch.T
     handful of points per level covers both fine detail and wide context.
     """
     _check_locations(locations, weights)
-    Lq, M, L, K, _ = locations.shape
+    Lq, M, L, P, _ = locations.shape
     if tuple(spatial_shapes.shape) != (L, 2):
         raise ValueError(f"spatial_shapes must have shape ({L}, 2) for L={L} levels, got {shape_str(spatial_shapes)}")
     if not 0 <= query < Lq:
@@ -156,8 +156,8 @@ def plot_sampling_levels(image, locations: torch.Tensor, spatial_shapes: torch.T
     Hi, Wi = img.shape[-2:]
     fig, axes = plt.subplots(1, L, figsize=(4 * L, 4.4), squeeze=False)
     colors = plt.cm.hsv(np.linspace(0, 1, M, endpoint=False))
-    loc = _numpy(locations[query])  # (M, L, K, 2)
-    w = None if weights is None else _numpy(weights[query])  # (M, L, K)
+    loc = _numpy(locations[query])  # (M, L, P, 2)
+    w = None if weights is None else _numpy(weights[query])  # (M, L, P)
     for l, ax in enumerate(axes[0]):
         Hl, Wl = (int(v) for v in spatial_shapes[l])
         small = torch.nn.functional.adaptive_avg_pool2d(img, (Hl, Wl))[0].permute(1, 2, 0)  # (Hl, Wl, 3)
@@ -167,7 +167,7 @@ def plot_sampling_levels(image, locations: torch.Tensor, spatial_shapes: torch.T
         for j in range(1, Hl):
             ax.axhline(j * Hi / Hl, color="white", linewidth=0.3, alpha=0.5)
         for m in range(M):
-            size = 30.0 if w is None else 30.0 * L * K * w[m, l]
+            size = 30.0 if w is None else 30.0 * L * P * w[m, l]
             ax.scatter(loc[m, l, :, 0] * Wi, loc[m, l, :, 1] * Hi, s=size, color=colors[m],
                        edgecolors="black", linewidths=0.5, zorder=3, label=f"head {m}")
         if reference_points is not None:
