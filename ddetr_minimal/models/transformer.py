@@ -92,6 +92,20 @@ def _ffn(d_model: int, d_ffn: int) -> Tuple[nn.Linear, nn.Linear]:
     return nn.Linear(d_model, d_ffn), nn.Linear(d_ffn, d_model)
 
 
+def _ffn_block(layer: nn.Module, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """The feed-forward sub-layer of ``layer``, with its residual and post-norm."""
+    ffn = layer.linear2(layer.dropout(F.relu(layer.linear1(x))))
+    return norm(x + layer.dropout(ffn))
+
+
+class LayerStack(nn.Module):
+    """``num_layers`` independent copies of ``layer``, run in turn by the subclass's forward."""
+
+    def __init__(self, layer: nn.Module, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+
+
 class DeformableEncoderLayer(nn.Module):
     """Deformable self-attention over all levels, then an FFN (post-norm)."""
 
@@ -107,16 +121,11 @@ class DeformableEncoderLayer(nn.Module):
         """src, pos (N, S, C); reference_points (N, S, L, 2); padding_mask (N, S). Returns (N, S, C)."""
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout(attn))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
-        return self.norm2(src + self.dropout(ffn))
+        return _ffn_block(self, src, self.norm2)
 
 
-class DeformableEncoder(nn.Module):
+class DeformableEncoder(LayerStack):
     """A stack of :class:`DeformableEncoderLayer`; every token's reference is its own pixel."""
-
-    def __init__(self, layer: DeformableEncoderLayer, num_layers: int):
-        super().__init__()
-        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
     def forward(self, src, pos, spatial_shapes, level_start_index, ratios, padding_mask):
         """src, pos (N, S, C); ratios (N, L, 2); padding_mask (N, S). Returns the memory (N, S, C)."""
@@ -147,17 +156,11 @@ class DeformableDecoderLayer(nn.Module):
         attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                                padding_mask)  # (N, Lq, C)
         tgt = self.norm2(tgt + self.dropout(attn))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout(ffn))
+        return _ffn_block(self, tgt, self.norm3)
 
 
-class DeformableDecoder(nn.Module):
+class DeformableDecoder(LayerStack):
     """A stack of :class:`DeformableDecoderLayer` with optional iterative box refinement."""
-
-    def __init__(self, layer: DeformableDecoderLayer, num_layers: int):
-        super().__init__()
-        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
-        self.num_layers = num_layers
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, ratios,
                 padding_mask, box_heads: Optional[Sequence[nn.Module]] = None):
