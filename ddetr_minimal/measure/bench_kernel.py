@@ -18,10 +18,8 @@ with ``--force``. Without a usable GPU and CuPy the script exits with a message.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .records import write_json
+from .records import provenance, write_json
 from ..ops.cupy_kernel import missing
 from ..ops.random_inputs import random_op_inputs
 from ..ops.msda import ms_deform_attn
@@ -125,8 +123,7 @@ def environment(argv: List[str]) -> Dict[str, object]:
         "cuda_runtime_torch": torch.version.cuda,
         "torch": torch.__version__,
         "cupy": cupy.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m ddetr_minimal bench-kernel " + shlex.join(argv),
+        **provenance(["python", "-m", "ddetr_minimal", "bench-kernel", *argv]),
     }
 
 

@@ -64,7 +64,7 @@ class SetCriterion(nn.Module):
         if not isinstance(num_classes, int) or num_classes <= 0:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.num_classes, self.matcher, self.focal = num_classes, matcher, focal
-        self.focal_alpha, self.focal_gamma, self.eos_coef = focal_alpha, focal_gamma, eos_coef
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         base = dict(loss_weights or ({"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0} if focal
                                      else {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}))
         if sorted(base) != sorted(LOSSES):

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 
-from ..measure.records import git_commit, machine, write_json
+from ..measure.records import provenance, write_json
 from ..datasets.synthetic import INFO_FILE, generate
 
 AP_KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
@@ -221,7 +221,10 @@ def convergence(argv=None) -> dict:
     if args.deformable_epochs > args.detr_epochs:
         p.error("--deformable-epochs must not exceed --detr-epochs")
 
-    started, t0, commit = datetime.datetime.now().astimezone(), time.time(), git_commit()  # the code that runs
+    t0 = time.time()
+    # the command, the code that runs, the machine and the start date
+    started = provenance(["python", "-m", "ddetr_minimal", "experiments", "convergence",
+                          *(argv if argv is not None else sys.argv[1:])])
     data = Path(args.data)
     info = ensure_dataset(data, args.num_train, args.num_val, args.image_size, args.data_seed, args.clutter)
     runs_dir = Path(args.runs_dir)
@@ -267,9 +270,7 @@ def convergence(argv=None) -> dict:
                                      "lr_linear_proj_mult", "weight_decay", "clip_max_norm", "batch_size",
                                      "lr_drop", "seed", "image_size")}
     header = {
-        "command": shlex.join(["python", "-m", "ddetr_minimal", "experiments", "convergence",
-                                *(argv if argv is not None else sys.argv[1:])]),
-        "commit": commit, "machine": machine(), "date": started.isoformat(timespec="seconds"),
+        **started,
         "dataset": {"path": str(data), **info}, "shared_config": shared, "threads_per_run": args.threads,
         "runs_in_parallel": args.parallel, "backbone_pretraining": pretraining,
         "note": ("AP values are fractions in [0, 1]; every run is evaluated after every epoch. "
