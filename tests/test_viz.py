@@ -250,3 +250,26 @@ def test_sample_photo():
     assert viz.sample_photo().shape == (3, 600, 512)
     with pytest.raises(ValueError, match="size"):
         viz.sample_photo((0, 10))
+
+
+def test_architecture_diagram_follows_the_model():
+    from ddetr_minimal import build_model
+    from ddetr_minimal.viz.architecture import plot_architecture, trace_architecture
+
+    model, _, _ = build_model(num_classes=5, backbone="small", d_model=32, n_heads=4, enc_layers=2, dec_layers=3,
+                              dim_feedforward=64, num_queries=7, n_levels=3, backend="torch")
+    stages = trace_architecture(model.eval(), torch.randn(2, 3, 64, 96))
+    names = [s.name for s in stages]
+    assert names == ["Images", "Backbone", "Input projections", "Deformable encoder", "Deformable decoder",
+                     "Class and box heads"]
+    by_name = {s.name: s for s in stages}
+    assert by_name["Input projections"].outputs == [(2, 32, 8, 12), (2, 32, 4, 6), (2, 32, 2, 3)]
+    assert by_name["Deformable encoder"].outputs == [(2, 8 * 12 + 4 * 6 + 2 * 3, 32)]
+    assert by_name["Deformable decoder"].outputs == [(3, 2, 7, 32)]
+    assert by_name["Class and box heads"].outputs == [(2, 7, 5), (2, 7, 4)]
+    assert by_name["Deformable encoder"].parameters == sum(p.numel() for p in model.transformer.encoder.parameters())
+    fig = plot_architecture(stages)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert any("3 layers" in t for t in texts) and any("(2, 7, 5)" in t for t in texts)
+    with pytest.raises(TypeError, match="must be a DeformableDETR"):
+        trace_architecture(torch.nn.Linear(2, 2), torch.randn(1, 3, 8, 8))
