@@ -1,4 +1,5 @@
-"""Vanilla multi-head attention written out, and the cost of it against deformable attention.  (split from attention.py; docstring to be written)"""
+"""The cost of attention: FLOP counters (paper, Sec. 3 and 4.1), exponent fits, attention entropy, and
+one layer's measured time and memory as the feature map grows."""
 from __future__ import annotations
 from __future__ import annotations
 import math

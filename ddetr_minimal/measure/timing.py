@@ -1,4 +1,5 @@
-"""Measuring what the chapters compare: time, memory, fitted exponents and attention entropy.  (split from measure.py; docstring to be written)"""
+"""Timing: the median wall-clock or CPU time of a call, and of several calls measured in turn so that
+a busy machine slows them alike."""
 from __future__ import annotations
 import math
 import statistics

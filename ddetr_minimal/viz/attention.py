@@ -1,4 +1,5 @@
-"""The plots the chapters show. Every function draws on an Axes (or a new Figure) and returns it.  (split from viz.py; docstring to be written)"""
+"""Attention distributions: one query's attention over an H x W map, and entropies against the
+uniform maximum."""
 from __future__ import annotations
 from typing import Mapping, Optional, Tuple
 import matplotlib.pyplot as plt

@@ -1,4 +1,4 @@
-"""The plots the chapters show. Every function draws on an Axes (or a new Figure) and returns it.  (split from viz.py; docstring to be written)"""
+"""What the plotting modules share: the sample photograph, tables, and small array and Axes helpers."""
 from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Union
 import matplotlib.pyplot as plt

@@ -1,4 +1,5 @@
-"""The plots the chapters show. Every function draws on an Axes (or a new Figure) and returns it.  (split from viz.py; docstring to be written)"""
+"""Curves and bars: cost against map size on log-log axes with fitted exponents, training and metric
+curves, bar charts."""
 from __future__ import annotations
 from typing import Mapping, Optional, Tuple
 import matplotlib.pyplot as plt

@@ -1,4 +1,4 @@
-"""The plots the chapters show. Every function draws on an Axes (or a new Figure) and returns it.  (split from viz.py; docstring to be written)"""
+"""Detections: boxes with labels and scores, the matching cost matrix, and the matched pairs."""
 from __future__ import annotations
 from typing import Optional, Sequence
 import matplotlib.pyplot as plt

@@ -1,4 +1,5 @@
-"""The plots the chapters show. Every function draws on an Axes (or a new Figure) and returns it.  (split from viz.py; docstring to be written)"""
+"""The CUDA kernel's thread layout (who owns which output) and its recorded benchmark against the
+torch backend."""
 from __future__ import annotations
 from typing import Mapping, Sequence
 import matplotlib.pyplot as plt

@@ -1,4 +1,5 @@
-"""The plots the chapters show. Every function draws on an Axes (or a new Figure) and returns it.  (split from viz.py; docstring to be written)"""
+"""Where deformable attention looks: one bilinear sample, and a query's sampling points on an image,
+all levels on one image or one panel per level."""
 from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 import matplotlib.pyplot as plt
