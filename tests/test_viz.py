@@ -273,3 +273,44 @@ def test_architecture_diagram_follows_the_model():
     assert any("3 layers" in t for t in texts) and any("(2, 7, 5)" in t for t in texts)
     with pytest.raises(TypeError, match="must be a DeformableDETR"):
         trace_architecture(torch.nn.Linear(2, 2), torch.randn(1, 3, 8, 8))
+
+
+def _figures_of_every_plot():
+    """One figure from every plotting function that makes its own, on small inputs."""
+    L, M, P = 4, 3, 2
+    loc, w = torch.rand(2, M, L, P, 2), torch.rand(2, M, L, P).softmax(-1)
+    shapes = torch.tensor([[8, 12], [4, 6], [2, 3], [1, 2]])
+    yield "plot_cost_curves", viz.plot_cost_curves({"a": ([16, 64, 256], [1.0, 4.0, 16.0])}).figure
+    yield "plot_curves", viz.plot_curves(np.arange(5), {"a": np.arange(5.0)}).figure
+    yield "plot_metric_curves", viz.plot_metric_curves({"run": ([1, 2, 3], [0.1, 0.2, 0.3])}).figure
+    yield "plot_bars", viz.plot_bars({"a": 1.0, "b": 2.0}).figure
+    yield "plot_attention_map", viz.plot_attention_map(torch.rand(12).softmax(0), (3, 4)).figure
+    yield "plot_entropy_bars", viz.plot_entropy_bars({"a": 1.0, "b": 2.0}).figure
+    yield "plot_bilinear_neighbours", viz.plot_bilinear_neighbours((0.53, 0.36), 8, 8).figure
+    yield "plot_sampling_points", viz.plot_sampling_points(torch.rand(3, 32, 48), loc, w).figure
+    yield "plot_sampling_levels", viz.plot_sampling_levels(torch.rand(3, 32, 48), loc, shapes, w)
+    yield "plot_cost_matrix", viz.plot_cost_matrix(np.random.rand(8, 5), [0, 1], [1, 0]).figure
+    yield "plot_thread_ownership", viz.plot_thread_ownership(2, 2, 40)
+
+
+@pytest.mark.parametrize("index", range(11))
+def test_every_plot_fits_the_column_with_legible_text(index):
+    from ddetr_minimal.viz.common import legibility_problems
+
+    name, fig = list(_figures_of_every_plot())[index]
+    assert legibility_problems(fig) == [], name
+    plt.close("all")
+
+
+def test_legibility_problems_flags_wide_figures_and_tiny_text():
+    from ddetr_minimal.viz.common import legibility_problems
+
+    fig, ax = plt.subplots(figsize=(13.6, 4))  # shown at half size in the column
+    ax.text(0.5, 0.5, "tiny", fontsize=12)  # 6 pt once shrunk
+    problems = legibility_problems(fig)
+    assert any("13.60 in wide" in p for p in problems) and any("'tiny' is 6.0 pt" in p for p in problems)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.set_title("fine", fontsize=9)
+    ax.tick_params(labelsize=8)
+    assert legibility_problems(fig) == []
+    plt.close("all")

@@ -15,7 +15,12 @@ from .common import sample_photo, show_table
 from .curves import plot_bars, plot_cost_curves, plot_curves, plot_metric_curves
 from .detection import draw_boxes, plot_cost_matrix, plot_matching
 from .kernel import plot_kernel_benchmark, plot_thread_ownership
-from .sampling import bilinear_weight_map, plot_bilinear_neighbours, plot_sampling_levels, plot_sampling_points
+from .sampling import (
+    bilinear_weight_map,
+    plot_bilinear_neighbours,
+    plot_sampling_levels,
+    plot_sampling_points,
+)
 
 __all__ = [
     "bilinear_weight_map", "plot_architecture", "trace_architecture", "draw_boxes", "plot_attention_map", "plot_bars", "plot_bilinear_neighbours",

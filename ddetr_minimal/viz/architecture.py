@@ -16,6 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 from torch import nn
 
+from .common import COLUMN_INCHES
+
 
 @dataclass
 class Stage:
@@ -88,7 +90,7 @@ def plot_architecture(stages: Sequence[Stage], title: str = "Deformable DETR, as
     """A top-to-bottom block diagram: one box per stage with its class, parameters and output shapes."""
     if not stages:
         raise ValueError("stages must not be empty; get them from trace_architecture(model, images)")
-    fig, ax = plt.subplots(figsize=(7.5, 1.15 * len(stages) + 0.4))
+    fig, ax = plt.subplots(figsize=(COLUMN_INCHES, 1.15 * len(stages) + 0.4))
     ax.set_xlim(0, 10)
     ax.set_ylim(-len(stages) + 0.3, 1.0)
     ax.axis("off")

@@ -1,10 +1,13 @@
 """Attention distributions: one query's attention over an H x W map, and entropies against the
 uniform maximum."""
 from __future__ import annotations
+
 from typing import Mapping, Optional, Tuple
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+
 from .common import ArrayLike, _axes, _image_hwc, _numpy
 
 

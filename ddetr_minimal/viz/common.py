@@ -1,14 +1,48 @@
 """What the plotting modules share: the sample photograph, tables, and small array and Axes helpers."""
 from __future__ import annotations
+
 from typing import Optional, Sequence, Tuple, Union
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.axes import Axes
+
 from ..ops.checks import shape_str
 
-
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[float]]
+
+# The book's text column is about 684 pixels wide in a 1280-pixel window. A figure at most this
+# many inches wide, drawn at 100 dots per inch, is shown at its own size; a font of MIN_FONT_PT
+# points is then 7 * 100 / 72 = 9.7 pixels high, the smallest text the book allows.
+COLUMN_INCHES = 6.8
+DPI = 100
+MIN_FONT_PT = 7.0
+BOOK_STYLE = {
+    "figure.dpi": DPI, "savefig.dpi": DPI, "figure.figsize": (COLUMN_INCHES, 4.2),
+    "font.size": 10, "axes.titlesize": 10.5, "axes.labelsize": 10, "xtick.labelsize": 9,
+    "ytick.labelsize": 9, "legend.fontsize": 8.5, "figure.titlesize": 11,
+}
+
+
+def use_book_style() -> None:
+    """Set matplotlib's defaults to the book's: figures as wide as the text column, legible fonts."""
+    plt.rcParams.update(BOOK_STYLE)
+
+
+def legibility_problems(fig, column_inches: float = COLUMN_INCHES, min_font_pt: float = MIN_FONT_PT):
+    """What would be hard to read once ``fig`` is shown in the book's column: a figure wider than
+    the column (it gets scaled down, and its text with it) and text smaller than ``min_font_pt``."""
+    problems = []
+    width = fig.get_figwidth()
+    if width > column_inches + 1e-6:
+        problems.append(f"figure is {width:.2f} in wide; the column holds {column_inches} in")
+    scale = min(1.0, column_inches / width)  # how much the page shrinks it
+    for text in fig.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text")):
+        if text.get_text().strip() and text.get_visible() and text.get_fontsize() * scale < min_font_pt - 1e-6:
+            problems.append(f"text {text.get_text()[:30]!r} is {text.get_fontsize() * scale:.1f} pt as shown; "
+                            f"the least is {min_font_pt} pt")
+    return problems
 
 
 def _numpy(x) -> np.ndarray:

@@ -1,12 +1,15 @@
 """Curves and bars: cost against map size on log-log axes with fitted exponents, training and metric
 curves, bar charts."""
 from __future__ import annotations
+
 from typing import Mapping, Optional, Tuple
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+
 from ..measure.cost import fit_exponent
-from .common import ArrayLike, _axes, _numpy, _xy_pair
+from .common import COLUMN_INCHES, ArrayLike, _axes, _numpy, _xy_pair
 
 
 def plot_cost_curves(series: Mapping[str, Tuple[ArrayLike, ArrayLike]], ax: Optional[Axes] = None,
@@ -23,7 +26,7 @@ def plot_cost_curves(series: Mapping[str, Tuple[ArrayLike, ArrayLike]], ax: Opti
     """
     if not isinstance(series, Mapping) or len(series) == 0:
         raise ValueError("series must be a non-empty mapping label -> (hw, values)")
-    ax = _axes(ax, figsize=(6, 4.5))
+    ax = _axes(ax, figsize=(COLUMN_INCHES, 4.5))
     expected = expected or {}
     for label, pair in series.items():
         x, y = _xy_pair("series", label, pair, "hw", "values")
@@ -79,7 +82,7 @@ def plot_metric_curves(runs: Mapping[str, Tuple[ArrayLike, ArrayLike]], ax: Opti
     (e.g. the epochs a model was evaluated at and its AP)."""
     if not isinstance(runs, Mapping) or len(runs) == 0:
         raise ValueError("runs must be a non-empty mapping label -> (x, y)")
-    ax = _axes(ax, figsize=(6, 4))
+    ax = _axes(ax, figsize=(COLUMN_INCHES, 4))
     for label, pair in runs.items():
         x, y = _xy_pair("runs", label, pair, "x", "y")
         ax.plot(x, y, marker=marker, markersize=3, label=label)

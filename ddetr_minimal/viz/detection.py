@@ -1,13 +1,16 @@
 """Detections: boxes with labels and scores, the matching cost matrix, and the matched pairs."""
 from __future__ import annotations
+
 from typing import Optional, Sequence
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.patches import Rectangle
+
 from ..ops.checks import shape_str
-from .common import ArrayLike, _axes, _numpy
+from .common import COLUMN_INCHES, MIN_FONT_PT, ArrayLike, _axes, _numpy
 
 
 # --------------------------------------------------------------------------------------
@@ -77,12 +80,12 @@ def plot_cost_matrix(cost: ArrayLike, rows: Optional[ArrayLike] = None, cols: Op
     k = [] if cols is None else [int(v) for v in _numpy(cols).reshape(-1)]
     if len(r) != len(k):
         raise ValueError(f"rows and cols must have the same length, got {len(r)} and {len(k)}")
-    ax = _axes(ax, figsize=(0.9 * n + 2, 0.45 * Lq + 1.5))
+    ax = _axes(ax, figsize=(min(COLUMN_INCHES, 0.9 * n + 2), 0.45 * Lq + 1.5))
     im = ax.imshow(c, cmap=cmap, aspect="auto")
     mid = (np.nanmax(c) + np.nanmin(c)) / 2
     for i in range(Lq):
         for j in range(n):
-            ax.text(j, i, f"{c[i, j]:.2f}", ha="center", va="center", fontsize="x-small",
+            ax.text(j, i, f"{c[i, j]:.2f}", ha="center", va="center", fontsize=8,
                     color="white" if c[i, j] < mid else "black")
     for i, j in zip(r, k):
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
@@ -135,7 +138,7 @@ def plot_matching(ax: Axes, gt_boxes: ArrayLike, pred_boxes: ArrayLike, pred_idx
                 color=palette[j % 10], markersize=3, linewidth=1.5)
     ax.plot([], [], "-", color="gray", label="object (solid), matched prediction (dashed, same colour)")
     ax.plot([], [], "--", color="lightgray", label="unmatched prediction: no object")
-    ax.legend(fontsize="x-small", loc="lower right", framealpha=0.8)
+    ax.legend(fontsize=MIN_FONT_PT + 1, loc="lower right", framealpha=0.8)
     ax.set_xlabel("x (image pixels)")
     ax.set_ylabel("y (image pixels)")
     if title is not None:

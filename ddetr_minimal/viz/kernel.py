@@ -1,10 +1,14 @@
 """The CUDA kernel's thread layout (who owns which output) and its recorded benchmark against the
 torch backend."""
 from __future__ import annotations
+
 from typing import Mapping, Sequence
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+
+from .common import COLUMN_INCHES, MIN_FONT_PT
 
 
 # --------------------------------------------------------------------------------------
@@ -26,7 +30,8 @@ def plot_thread_ownership(n_queries: int, n_heads: int, head_dim: int, warp_size
     thread = np.arange(rows * D).reshape(rows, D)  # (Lq*M, D): forward thread index i
     forward_warp = thread // warp_size  # (Lq*M, D)
     backward_warp = np.repeat(np.arange(rows)[:, None], D, axis=1)  # (Lq*M, D)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * rows + 2.2), squeeze=False)
+    fig, axes = plt.subplots(2, 1, figsize=(COLUMN_INCHES, 2 * (0.3 * rows + 1.3)), squeeze=False)
+    axes = axes.T  # (1, 2): forward, backward, one above the other
     cmap = plt.cm.tab20
     labels = [f"q{q} m{m}" for q in range(n_queries) for m in range(n_heads)]
     for ax, warps, title in ((axes[0, 0], forward_warp, "forward: one thread per output"),
@@ -36,8 +41,8 @@ def plot_thread_ownership(n_queries: int, n_heads: int, head_dim: int, warp_size
         flat = warps.ravel()  # (Lq*M*D,) in the order of the forward thread index
         for f in np.r_[0, np.flatnonzero(np.diff(flat)) + 1]:  # first output of every warp
             r, d = divmod(int(f), D)
-            ax.text(d + 0.2, r, f"warp {flat[f]}", ha="left", va="center", fontsize="x-small")
-        ax.set_yticks(range(rows), labels, fontsize="x-small")
+            ax.text(d + 0.2, r, f"warp {flat[f]}", ha="left", va="center", fontsize=MIN_FONT_PT)
+        ax.set_yticks(range(rows), labels, fontsize=MIN_FONT_PT)
         ax.set_xlabel("channel d of the head")
         ax.set_ylabel("(query, head)")
         ax.set_title(title)
@@ -74,7 +79,8 @@ def plot_kernel_benchmark(results: Sequence[Mapping[str, object]], title: str = 
     names = {"cupy": "CUDA kernel (cupy)", "torch": "torch (grid_sample)"}
     metrics = (("time", ("forward_ms", "forward_backward_ms"), "median time (ms)"),
                ("peak memory", ("forward_peak_mib", "forward_backward_peak_mib"), "peak allocated (MiB)"))
-    fig, axes = plt.subplots(2, len(scales), figsize=(5.5 * len(scales), 7.5), squeeze=False)
+    fig, axes = plt.subplots(2 * len(scales), 1, figsize=(COLUMN_INCHES, 3.2 * 2 * len(scales)), squeeze=False)
+    axes = axes.reshape(len(scales), 2).T  # (time, memory) x scales, stacked in one column
     groups = [(dt, key) for dt in dtypes for key in (0, 1)]  # (dtype, forward / forward+backward)
     width = 0.8 / len(backends)
     colors = plt.cm.tab10.colors
@@ -93,7 +99,7 @@ def plot_kernel_benchmark(results: Sequence[Mapping[str, object]], title: str = 
                 bars = ax.bar(xs, ys, width, color=colors[b_i % 10], label=names.get(backend, backend))
                 for bar, y in zip(bars, ys):
                     ax.annotate(f"{y:.3g}", (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom",
-                                fontsize="x-small")
+                                fontsize=MIN_FONT_PT)
             ax.margins(y=0.12)  # room for the value labels
             ax.set_xticks(range(len(groups)), [f"{dt}\n{'forward' if k == 0 else 'fwd + bwd'}"
                                                for dt, k in groups], fontsize="small")

@@ -1,16 +1,19 @@
 """Where deformable attention looks: one bilinear sample, and a query's sampling points on an image,
 all levels on one image or one panel per level."""
 from __future__ import annotations
+
 from typing import Optional, Sequence, Tuple
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
 from ..ops.checks import shape_str
 from ..ops.reference import bilinear_sample
-from .common import _axes, _image_hwc, _numpy
+from .common import COLUMN_INCHES, MIN_FONT_PT, _axes, _image_hwc, _numpy
 
 
 # --------------------------------------------------------------------------------------
@@ -101,7 +104,7 @@ def plot_sampling_points(image, locations: torch.Tensor, weights: Optional[torch
     ``level=None`` draws the points of every level, an integer only that level's.
     """
     _check_locations(locations, weights)
-    ax = _axes(ax, figsize=(6, 6))
+    ax = _axes(ax, figsize=(COLUMN_INCHES, COLUMN_INCHES))
     img = _image_hwc(image)
     Hi, Wi = img.shape[:2]
     ax.imshow(img, extent=(0, Wi, Hi, 0))
@@ -129,7 +132,7 @@ def plot_sampling_points(image, locations: torch.Tensor, weights: Optional[torch
     ax.set_title(title)
     ax.set_xlabel("x (image pixels)")
     ax.set_ylabel("y (image pixels)")
-    ax.legend(fontsize="x-small", loc="upper right", ncol=2, framealpha=0.8)
+    ax.legend(fontsize=MIN_FONT_PT, loc="upper right", ncol=2, framealpha=0.8)
     return ax
 
 
@@ -155,7 +158,12 @@ def plot_sampling_levels(image, locations: torch.Tensor, spatial_shapes: torch.T
         img = img[..., None].expand(-1, -1, 3)  # (H, W, 3)
     img = img[..., :3].permute(2, 0, 1)[None]  # (1, 3, H, W)
     Hi, Wi = img.shape[-2:]
-    fig, axes = plt.subplots(1, L, figsize=(4 * L, 4.4), squeeze=False)
+    cols = 2 if L > 1 else 1  # a 2 x 2 grid for four levels: each panel large enough to read
+    rows = -(-L // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(COLUMN_INCHES, 3.3 * rows + 0.5), squeeze=False)
+    axes = grid.reshape(1, -1)[:, :L]
+    for spare in grid.reshape(-1)[L:]:
+        spare.remove()
     colors = plt.cm.hsv(np.linspace(0, 1, M, endpoint=False))
     loc = _numpy(locations[query])  # (M, L, P, 2)
     w = None if weights is None else _numpy(weights[query])  # (M, L, P)
@@ -181,7 +189,7 @@ def plot_sampling_levels(image, locations: torch.Tensor, spatial_shapes: torch.T
         ax.set_title(f"level {l}: {Hl} x {Wl} pixels")
         ax.set_xlabel("x (image pixels)")
         ax.set_ylabel("y (image pixels)")
-    axes[0, -1].legend(fontsize="x-small", loc="upper right", framealpha=0.8)
+    axes[0, -1].legend(fontsize=MIN_FONT_PT, loc="upper right", framealpha=0.8)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
