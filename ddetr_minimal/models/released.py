@@ -1,51 +1,58 @@
-"""Load the released Deformable DETR checkpoints (ResNet-50, COCO) into this package's model.
+"""Load the released Deformable DETR models (ResNet-50, COCO) into this package's model.
 
-The official implementation (github.com/fundamentalvision/Deformable-DETR) saves
-``{"model": state_dict, ...}``. Its parameter names differ from ours in five places; the
-tensors are the same:
+Two layouts of the same tensors are read, told apart by their keys:
 
-=====================================================  ================================================
-official                                               ours
-=====================================================  ================================================
-``backbone.0.body.*``                                  ``backbone.body.*``
-``transformer.decoder.layers.i.self_attn.in_proj_*``   ``...self_attn.{q,k,v}_proj.*`` (rows split in 3)
-``transformer.decoder.layers.i.norm2`` / ``norm1``     ``norm1`` / ``norm2`` (numbered in order of use:
-                                                       after self-attention / after cross-attention)
-``class_embed.i``, ``bbox_embed.i`` for every layer,   one shared ``class_embed.0``, ``bbox_embed.0``
-even when they are one shared module                   unless the heads are per layer (box refinement)
-``transformer.decoder.{bbox,class}_embed.i``           not stored twice (the decoder is handed the heads)
-=====================================================  ================================================
+* the official release (github.com/fundamentalvision/Deformable-DETR), a ``.pth`` file on
+  Google Drive -- see :mod:`.official_checkpoint` for its names;
+* the Hugging Face hub copies (SenseTime/deformable-detr, ...), a folder with ``config.json``
+  and ``model.safetensors`` or ``pytorch_model.bin`` as ``save_pretrained`` writes it -- see
+  :mod:`.hf_checkpoint`.
+
+The architecture (width, layers, levels, queries, refinement, two-stage, classes) is read from
+the tensors' shapes and names; heads and points per head from ``config.json`` or the official
+``args`` when the file has them (8 and 4 otherwise, the release's values).
 
 Nothing is downloaded unless :func:`download_released` (or :func:`load_released` without a
-``path``) is called.
+``path``) is called: the hub first, Google Drive when the hub cannot be reached.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+
+from . import hf_checkpoint as hf
+from .official_checkpoint import (  # noqa: F401  (re-exported: the official layout's public names)
+    load_torch_file, official_key, official_to_ours, ours_to_official, read_checkpoint, split_checkpoint)
 
 Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
 class Release:
-    """One released model: its Google Drive file, variant flags and COCO val AP (paper, Table 1)."""
+    """One released model: where it lives, its variant flags and its COCO val AP.
+
+    ``coco_ap`` is the AP the official repository's README reports for the released file;
+    ``paper_ap`` is Table 1 of the paper (Zhu et al., ICLR 2021), which reports the models
+    trained for the paper (43.8, 45.4, 46.2 for the three multi-scale ones; the single-scale
+    model is not in Table 1).
+    """
 
     drive_id: str
+    hub_repo: str
     with_box_refine: bool
     two_stage: bool
     n_levels: int
     coco_ap: float
+    paper_ap: Optional[float] = None
 
     @property
     def page_url(self) -> str:
-        """The page a browser can download the file from."""
+        """The page a browser can download the Drive file from."""
         return f"https://drive.google.com/file/d/{self.drive_id}/view"
 
     @property
@@ -53,182 +60,186 @@ class Release:
         """A direct-download address (skips Drive's "cannot scan for viruses" page)."""
         return f"https://drive.usercontent.google.com/download?id={self.drive_id}&export=download&confirm=t"
 
+    def hub_url(self, filename: str) -> str:
+        """The hub's address of one file of the repo (``resolve/main``)."""
+        return f"https://huggingface.co/{self.hub_repo}/resolve/main/{filename}"
+
 
 RELEASES: Dict[str, Release] = {
-    "deformable_detr": Release("1nDWZWHuRwtwGden77NLM9JoWe-YisJnA", False, False, 4, 44.5),
-    "deformable_detr_refine": Release("1JYKyRYzUH7uo9eVfDaVCiaIGZb5YTCuI", True, False, 4, 46.2),
-    "deformable_detr_two_stage": Release("15I03A7hNTpwuLNdfuEmW9_taZMNVssEp", True, True, 4, 46.9),
-    "deformable_detr_single_scale": Release("1WEjQ9_FgfI5sw5OZZ4ix-OKk-IJ_-SDU", False, False, 1, 39.4),
+    "deformable_detr": Release("1nDWZWHuRwtwGden77NLM9JoWe-YisJnA", "SenseTime/deformable-detr",
+                               False, False, 4, 44.5, 43.8),
+    "deformable_detr_refine": Release("1JYKyRYzUH7uo9eVfDaVCiaIGZb5YTCuI", "SenseTime/deformable-detr-with-box-refine",
+                                      True, False, 4, 46.2, 45.4),
+    "deformable_detr_two_stage": Release("15I03A7hNTpwuLNdfuEmW9_taZMNVssEp",
+                                         "SenseTime/deformable-detr-with-box-refine-two-stage", True, True, 4, 46.9, 46.2),
+    "deformable_detr_single_scale": Release("1WEjQ9_FgfI5sw5OZZ4ix-OKk-IJ_-SDU", "SenseTime/deformable-detr-single-scale",
+                                            False, False, 1, 39.4),
 }
 COCO_NUM_CLASSES = 91  # the released models index COCO's category ids 1..90 directly
+HEADS = ("class_embed.", "bbox_embed.")
 
-_DEC = re.compile(r"^(transformer\.decoder\.layers\.\d+\.)(.*)$")
-_HEAD = re.compile(r"^(class_embed|bbox_embed)\.(\d+)\.(.*)$")
-_DEC_HEAD = re.compile(r"^transformer\.decoder\.(class_embed|bbox_embed)\.(\d+)\.(.*)$")
-_QKV = ("q_proj", "k_proj", "v_proj")
+
+def coco_category_names() -> List[str]:
+    """COCO's names indexed by category id (0..90; "N/A" for ids COCO does not use), from torchvision."""
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    return list(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+
+
+@dataclass
+class ReleasedWeights:
+    """A checkpoint read into our names: ``arch`` (``build_model`` keyword arguments),
+    ``state`` (our state dict), ``source`` (each key's name in the file), ``file``, ``layout``
+    ("official" or "hugging face") and ``class_names`` (indexed by label) when known."""
+
+    arch: dict
+    num_classes: int
+    state: Dict[str, Tensor]
+    source: Dict[str, str]
+    file: str
+    layout: str
+    class_names: Optional[List[str]] = None
+    problems: List[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------
-# Name conversion
+# Loading with checks
 # --------------------------------------------------------------------------------------
-def _swap_norms(rest: str) -> str:
-    """Decoder-layer norms: ours are numbered in order of use, the official ones are not."""
-    for a, b in (("norm1.", "norm2."), ("norm2.", "norm1.")):
-        if rest.startswith(a):
-            return b + rest[len(a):]
-    return rest
+def _listing(title: str, items: List[str], limit: int = 25) -> str:
+    shown = items[:limit] + ([f"... and {len(items) - limit} more"] if len(items) > limit else [])
+    return f"  {title} ({len(items)}):\n    " + "\n    ".join(shown)
 
 
-def official_key(key: str) -> str:
-    """The official name of one of our tensors (for a q/k/v projection: the stacked in_proj
-    tensor it is a third of; for a shared head: its first copy)."""
-    if key.startswith("backbone."):
-        return "backbone.0." + key[len("backbone."):]
-    m = _DEC.match(key)
-    if m:
-        prefix, rest = m.groups()
-        parts = rest.split(".")
-        if parts[0] == "self_attn" and parts[1] in _QKV:
-            return f"{prefix}self_attn.in_proj_{parts[2]}"
-        return prefix + _swap_norms(rest)
-    return key
-
-
-def ours_to_official(state_dict: Dict[str, Tensor], *, with_box_refine: bool, two_stage: bool,
-                     num_decoder_layers: int = 6) -> Dict[str, Tensor]:
-    """Rename (and where needed stack or replicate) our tensors into the official layout."""
-    n_pred = num_decoder_layers + int(two_stage)  # heads the official model lists
-    out: Dict[str, Tensor] = {}
-    for key, v in state_dict.items():
-        m = _HEAD.match(key)
-        if m:
-            name, i, rest = m.group(1), int(m.group(2)), m.group(3)
-            for j in ([i] if with_box_refine else range(n_pred)):  # a shared head is listed n_pred times
-                out[f"{name}.{j}.{rest}"] = v
-                if (name == "bbox_embed" and with_box_refine) or (name == "class_embed" and two_stage):
-                    out[f"transformer.decoder.{name}.{j}.{rest}"] = v  # the decoder's reference to the heads
-            continue
-        m = _DEC.match(key)
-        parts = m.group(2).split(".") if m else []
-        if parts[:1] == ["self_attn"] and parts[1] in _QKV:
-            if parts[1] == "q_proj":  # stack the q, k, v rows once, when meeting q
-                qkv = [state_dict[f"{m.group(1)}self_attn.{p}.{parts[2]}"] for p in _QKV]
-                out[official_key(key)] = torch.cat(qkv, 0)  # (3C, C) or (3C,)
-            continue
-        out[official_key(key)] = v
-    return out
-
-
-def official_to_ours(state_dict: Dict[str, Tensor], *, with_box_refine: bool, two_stage: bool
-                     ) -> Dict[str, Tensor]:
-    """Inverse of :func:`ours_to_official`. Copies of shared heads must be identical
-    (they are one module in the official model); a mismatch raises ``ValueError``."""
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    out: Dict[str, Tensor] = {}
-    problems: List[str] = []
-    for key, v in sd.items():
-        if key.startswith("backbone.0."):
-            out["backbone." + key[len("backbone.0."):]] = v
-            continue
-        m = _DEC_HEAD.match(key)
-        if m:  # a second reference to a top-level head: check, do not store
-            canonical = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
-            if canonical not in sd:
-                problems.append(f"{key} has no counterpart {canonical}")
-            elif not torch.equal(sd[canonical], v):
-                problems.append(f"{key} differs from {canonical}, but they are one module")
-            continue
-        m = _HEAD.match(key)
-        if m and not with_box_refine:
-            name, i, rest = m.group(1), int(m.group(2)), m.group(3)
-            first = f"{name}.0.{rest}"
-            if i == 0:
-                out[key] = v
-            elif first not in sd:
-                problems.append(f"{key} has no counterpart {first}")
-            elif not torch.equal(sd[first], v):
-                problems.append(f"{key} differs from {first}; without box refinement the heads are shared "
-                                "(is this a box-refinement checkpoint?)")
-            continue
-        m = _DEC.match(key)
-        if m:
-            prefix, rest = m.groups()
-            if rest in ("self_attn.in_proj_weight", "self_attn.in_proj_bias"):
-                kind = rest.rsplit("_", 1)[1]  # weight / bias
-                if v.shape[0] % 3:
-                    problems.append(f"{key} has shape {tuple(v.shape)}; expected 3*d_model rows (q, k, v)")
-                    continue
-                for p, part in zip(_QKV, v.chunk(3, 0)):
-                    out[f"{prefix}self_attn.{p}.{kind}"] = part
-                continue
-            out[prefix + _swap_norms(rest)] = v
-            continue
-        out[key] = v
-    if problems:
-        raise ValueError("inconsistent official checkpoint:\n  " + "\n  ".join(problems))
-    return out
-
-
-def _variant(model: nn.Module) -> Tuple[bool, bool]:
+def _variant(model: nn.Module):
     for name in ("with_box_refine", "two_stage", "num_decoder_layers"):
         if not hasattr(model, name):
             raise TypeError(f"model must be a DeformableDETR, got {type(model).__name__}")
     return model.with_box_refine, model.two_stage
 
 
-def _listing(title: str, items: List[str], limit: int = 25) -> str:
-    shown = items[:limit] + ([f"... and {len(items) - limit} more"] if len(items) > limit else [])
-    return f"  {title} ({len(items)}):\n    " + "\n    ".join(shown)
+def load_checked(model: nn.Module, ours: Dict[str, Tensor], file_name: Callable[[str], str], *,
+                 unexpected: Sequence[str] = (), skip: Sequence[str] = (), where: str = "the checkpoint",
+                 label: str = "file") -> None:
+    """Load ``ours`` (our names) into ``model``, all or nothing.
 
-
-def load_official_state_dict(model: nn.Module, state_dict: Dict[str, Tensor]) -> None:
-    """Load a state dict in the official naming into ``model`` (a :class:`DeformableDETR`).
-
-    Every key must be used and every parameter and buffer of the model filled with a tensor
-    of the right shape; otherwise a ``ValueError`` lists the missing keys (with their
-    official names), the unexpected keys and the shape mismatches.
+    Every key not starting with a prefix in ``skip`` must be used and every such parameter
+    and buffer filled with a tensor of the right shape; otherwise a ``ValueError`` names
+    ``where`` and lists the missing keys, the unexpected keys and the shape mismatches, with
+    ``file_name(key)``, the key's name in the file, beside ours where they differ.
     """
     refine, two_stage = _variant(model)
-    ours = official_to_ours(state_dict, with_box_refine=refine, two_stage=two_stage)
-    expected = model.state_dict()
-    missing = [f"{k} (official: {official_key(k)})" if official_key(k) != k else k
-               for k in expected if k not in ours]
-    unexpected = sorted({official_key(k) for k in ours if k not in expected})  # as named in the checkpoint
-    shapes = [f"{official_key(k)}: checkpoint {tuple(ours[k].shape)}, model {tuple(expected[k].shape)}"
-              + (f" (our {k})" if official_key(k) != k else "")
+    kept = lambda k: not k.startswith(tuple(skip))  # noqa: E731
+    expected = {k: v for k, v in model.state_dict().items() if kept(k)}
+    ours = {k: v for k, v in ours.items() if kept(k)}
+    named = lambda k: f"{k} ({label}: {file_name(k)})" if file_name(k) != k else k  # noqa: E731
+    missing = [named(k) for k in expected if k not in ours]
+    extra = sorted(list(unexpected) + [file_name(k) for k in ours if k not in expected])
+    shapes = [f"{file_name(k)}: checkpoint {tuple(ours[k].shape)}, model {tuple(expected[k].shape)}"
+              + (f" (our {k})" if file_name(k) != k else "")
               for k in expected if k in ours and ours[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"the checkpoint does not fit DeformableDETR(with_box_refine={refine}, two_stage={two_stage}, "
-                 f"num_classes={getattr(model, 'num_classes', '?')}, "
-                 f"num_queries={getattr(model, 'num_queries', '?')}):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
+    if missing or extra or shapes:
+        parts = [f"{where} does not fit DeformableDETR(with_box_refine={refine}, two_stage={two_stage}, "
+                 f"num_classes={getattr(model, 'num_classes', '?')}, num_queries={getattr(model, 'num_queries', '?')}):"]
+        for title, items in (("missing keys", missing), ("unexpected keys", extra), ("wrong shapes", shapes)):
             if items:
                 parts.append(_listing(title, items))
         raise ValueError("\n".join(parts))
-    model.load_state_dict(ours, strict=True)
+    model.load_state_dict(ours, strict=not skip)
+
+
+def load_official_state_dict(model: nn.Module, state_dict: Dict[str, Tensor], where: str = "the checkpoint") -> None:
+    """Load a state dict in the official naming into ``model`` (a :class:`DeformableDETR`);
+    see :func:`load_checked` for the checks (keys are named as in the official layout)."""
+    refine, two_stage = _variant(model)
+    ours = official_to_ours(state_dict, with_box_refine=refine, two_stage=two_stage)
+    load_checked(model, ours, official_key, where=where, label="official")
 
 
 # --------------------------------------------------------------------------------------
-# Files
+# Reading a file: layout from the keys, architecture from the shapes
 # --------------------------------------------------------------------------------------
-def read_checkpoint(path: str) -> Dict[str, Tensor]:
-    """The model state dict of an official checkpoint file (``torch.load(weights_only=True)``).
-
-    The release stores ``{"model": ..., "args": argparse.Namespace, ...}``; the Namespace is
-    the only non-tensor class it needs and is allowed explicitly.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-        return ckpt["model"]
-    if isinstance(ckpt, dict) and all(isinstance(v, Tensor) for v in ckpt.values()):
-        return ckpt
-    raise ValueError(f"{path!r} holds neither a state dict nor a dict with a 'model' state dict "
-                     f"(top-level keys: {sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+def _count(keys, prefix: str) -> int:
+    found = {int(m.group(1)) for k in keys for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
+    return max(found) + 1 if found else 0
 
 
+def _arch_from_state(ours: Dict[str, Tensor], *, with_box_refine: bool, where: str, n_heads: int = 8,
+                     n_points: int = 4, num_queries: Optional[int] = None) -> dict:
+    for key in ("transformer.level_embed", "class_embed.0.weight", "transformer.encoder.layers.0.linear1.weight"):
+        if key not in ours:
+            raise ValueError(f"{where} has no {key} (nor its name in the file); is it a Deformable DETR checkpoint?")
+    n_levels, d_model = ours["transformer.level_embed"].shape
+    two_stage = "transformer.enc_output.weight" in ours
+    if not two_stage and "query_embed.weight" in ours:
+        num_queries = ours["query_embed.weight"].shape[0]
+    return dict(backbone="resnet101" if "backbone.body.layer3.22.conv1.weight" in ours else "resnet50",
+                d_model=int(d_model), n_heads=int(n_heads), enc_layers=_count(ours, "transformer.encoder.layers."),
+                dec_layers=_count(ours, "transformer.decoder.layers."),
+                dim_feedforward=int(ours["transformer.encoder.layers.0.linear1.weight"].shape[0]),
+                n_levels=int(n_levels), n_points=int(n_points), with_box_refine=bool(with_box_refine),
+                two_stage=two_stage, num_queries=int(num_queries or 300))
+
+
+def read_released(path: str) -> ReleasedWeights:
+    """Read a checkpoint in either layout: an official ``.pth``, or a Hugging Face folder
+    (or its ``model.safetensors`` / ``pytorch_model.bin``, with ``config.json`` beside it)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist (a .pth file, or a folder with config.json and "
+                                f"model.safetensors or pytorch_model.bin)")
+    weights, config_file = hf.hf_files(path) if os.path.isdir(path) or path.endswith(".safetensors") else (path, None)
+    if weights.endswith(".safetensors"):
+        sd, args = hf.read_safetensors(weights), None
+    else:
+        sd, args = split_checkpoint(load_torch_file(weights), weights)
+    if hf.is_hf_state_dict(sd):
+        config_file = config_file or hf.hf_files(weights)[1]
+        cfg = hf.read_config(config_file) if config_file else {}
+        arch_cfg = hf.arch_from_config(cfg, config_file) if cfg else {}
+        refine = arch_cfg.get("with_box_refine", any(k.startswith("model.decoder.bbox_embed.") for k in sd))
+        D = _count(sd, "model.decoder.layers.")
+        two_stage = "model.enc_output.weight" in sd
+        ours, source, problems = hf.hf_to_ours(sd, with_box_refine=refine, two_stage=two_stage, num_decoder_layers=D)
+        arch = _arch_from_state(ours, with_box_refine=refine, where=weights, n_heads=arch_cfg.get("n_heads", 8),
+                                n_points=arch_cfg.get("n_points", 4), num_queries=arch_cfg.get("num_queries"))
+        names = hf.class_names_from_config(cfg)
+        return ReleasedWeights(arch, int(ours["class_embed.0.weight"].shape[0]), ours, source, weights, "hugging face",
+                               names, problems)
+    if "transformer.level_embed" not in sd:
+        raise ValueError(f"{weights!r} is neither in the official layout (transformer.level_embed) nor in the "
+                         f"Hugging Face one (model.level_embed); its first keys: {sorted(sd)[:8]}")
+    args = args or {}
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    refine = bool(args.get("with_box_refine", "transformer.decoder.bbox_embed.0.layers.0.weight" in sd))
+    ours = official_to_ours(sd, with_box_refine=refine, two_stage="transformer.enc_output.weight" in sd)
+    arch = _arch_from_state(ours, with_box_refine=refine, where=weights, n_heads=args.get("nheads", 8),
+                            n_points=args.get("dec_n_points", 4), num_queries=args.get("num_queries"))
+    return ReleasedWeights(arch, int(ours["class_embed.0.weight"].shape[0]), ours,
+                           {k: official_key(k) for k in ours}, weights, "official")
+
+
+def check_release_name(name: Optional[str], weights: ReleasedWeights) -> None:
+    """With an explicit ``name``, the file must be that release's variant."""
+    if name is None:
+        return
+    r = _release(name)
+    want = dict(with_box_refine=r.with_box_refine, two_stage=r.two_stage, n_levels=r.n_levels)
+    got = {k: weights.arch[k] for k in want}
+    if got != want:
+        raise ValueError(f"{weights.file!r} holds a model with {got}, but name={name!r} is {want}; "
+                         "pass the matching name, or name=None to take the file as it is")
+
+
+def load_weights(model: nn.Module, weights: ReleasedWeights, skip: Sequence[str] = ()) -> None:
+    """Load ``weights`` into ``model`` (all or nothing; ``skip``: key prefixes left as they are)."""
+    is_hf = weights.layout == "hugging face"
+    file_name = (lambda k: weights.source.get(k, hf.hf_key(k))) if is_hf else official_key
+    load_checked(model, weights.state, file_name, unexpected=weights.problems, skip=skip,
+                 where=f"{weights.file!r} ({weights.layout} layout)", label="file" if is_hf else "official")
+
+
+# --------------------------------------------------------------------------------------
+# Downloads
+# --------------------------------------------------------------------------------------
 def default_cache_dir() -> str:
     """``<torch hub dir>/checkpoints/ddetr_minimal``."""
     return os.path.join(torch.hub.get_dir(), "checkpoints", "ddetr_minimal")
@@ -240,49 +251,114 @@ def _release(name: str) -> Release:
     return RELEASES[name]
 
 
-def download_released(name: str, cache_dir: Optional[str] = None) -> str:
-    """Download a released checkpoint (about 160 MB) unless it is already cached; return its path.
-
-    An existing file is never overwritten. If Google Drive answers with a web page instead of
-    the file, the partial download is removed and the error says where to get it by hand.
-    """
-    release = _release(name)
-    cache_dir = cache_dir or default_cache_dir()
-    path = os.path.join(cache_dir, f"r50_{name}.pth")
-    if os.path.exists(path):
-        return path
-    os.makedirs(cache_dir, exist_ok=True)
+def _fetch(url: str, path: str) -> None:
+    """Download ``url`` to ``path`` through ``path.partial``; a web page instead of data is refused."""
     partial = path + ".partial"
     try:
-        torch.hub.download_url_to_file(release.url, partial, progress=True)
-    except Exception as err:
-        raise RuntimeError(f"could not download {name} from {release.url} ({type(err).__name__}: {err}). "
-                           f"Download it in a browser from {release.page_url}, then call "
-                           f"load_released({name!r}, path=<file>).") from err
-    with open(partial, "rb") as f:
-        head = f.read(256).lstrip().lower()
-    if head.startswith((b"<!doctype", b"<html")):
-        os.remove(partial)
-        raise RuntimeError(f"Google Drive sent a web page instead of {name}. Download it in a browser from "
-                           f"{release.page_url}, then call load_released({name!r}, path=<file>).")
+        torch.hub.download_url_to_file(url, partial, progress=True)
+        with open(partial, "rb") as f:
+            head = f.read(256).lstrip().lower()
+        if head.startswith((b"<!doctype", b"<html")):
+            raise RuntimeError("the server sent a web page instead of the file")
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
     os.replace(partial, path)
+
+
+def download_from_drive(name: str, cache_dir: Optional[str] = None) -> str:
+    """The official ``.pth`` of ``name`` from Google Drive (about 160 MB), unless cached; its path.
+
+    An existing file is never overwritten. A failed download or a web page in place of the
+    file leaves nothing behind, and the error says where to get the file by hand.
+    """
+    release = _release(name)
+    path = os.path.join(cache_dir or default_cache_dir(), f"r50_{name}.pth")
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        _fetch(release.url, path)
+    except Exception as err:
+        what = "sent a web page" if "web page" in str(err) else "could not be reached"
+        raise RuntimeError(f"could not download {name}: Google Drive {what} ({type(err).__name__}: {err}, "
+                           f"{release.url}). Download it in a browser from {release.page_url}, then call "
+                           f"load_released({name!r}, path=<file>).") from err
     return path
 
 
-def load_released(name: str = "deformable_detr", path: Optional[str] = None, cache_dir: Optional[str] = None,
-                  backend: str = "auto"):
-    """Build the released ResNet-50 model ``name`` (see :data:`RELEASES`) and load its weights.
+def download_from_hub(name: str, cache_dir: Optional[str] = None) -> str:
+    """The Hugging Face copy of ``name`` (``config.json`` and the weights), unless cached; its folder.
 
-    ``path``: a checkpoint already on disk; without it the file is downloaded (once).
-    Returns ``(model, criterion, postprocessor)`` as :func:`ddetr_minimal.models.build.build_model`,
-    with the model in eval mode. Labels are COCO category ids.
+    ``model.safetensors`` is tried first, then ``pytorch_model.bin``. Files already there are
+    never overwritten.
+    """
+    release = _release(name)
+    folder = os.path.join(cache_dir or default_cache_dir(), "hub", release.hub_repo.replace("/", "--"))
+    have = [f for f in hf.WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))]
+    if have and os.path.isfile(os.path.join(folder, hf.CONFIG_FILE)):
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    errors = []
+    try:
+        if not os.path.isfile(os.path.join(folder, hf.CONFIG_FILE)):
+            _fetch(release.hub_url(hf.CONFIG_FILE), os.path.join(folder, hf.CONFIG_FILE))
+        for filename in hf.WEIGHT_FILES:
+            try:
+                _fetch(release.hub_url(filename), os.path.join(folder, filename))
+                return folder
+            except Exception as err:
+                errors.append(f"{filename}: {type(err).__name__}: {err}")
+    except Exception as err:
+        errors.append(f"{hf.CONFIG_FILE}: {type(err).__name__}: {err}")
+    if not os.listdir(folder):
+        os.rmdir(folder)  # leave no empty folder behind (nor an empty "hub" above it)
+        if not os.listdir(os.path.dirname(folder)):
+            os.rmdir(os.path.dirname(folder))
+    raise RuntimeError(f"could not download {name} from the hub repo {release.hub_repo} ({'; '.join(errors)})")
+
+
+def download_released(name: str, cache_dir: Optional[str] = None) -> str:
+    """A released checkpoint on disk, downloading it once: from the cache if either copy is
+    there, else from the Hugging Face hub, else from Google Drive. Returns its path."""
+    release = _release(name)
+    cache_dir = cache_dir or default_cache_dir()
+    hub_folder = os.path.join(cache_dir, "hub", release.hub_repo.replace("/", "--"))
+    drive_file = os.path.join(cache_dir, f"r50_{name}.pth")
+    if os.path.isfile(os.path.join(hub_folder, hf.CONFIG_FILE)) and any(
+            os.path.isfile(os.path.join(hub_folder, f)) for f in hf.WEIGHT_FILES):
+        return hub_folder
+    if os.path.isfile(drive_file):
+        return drive_file
+    try:
+        return download_from_hub(name, cache_dir)
+    except RuntimeError as hub_err:
+        try:
+            return download_from_drive(name, cache_dir)
+        except RuntimeError as drive_err:
+            raise RuntimeError(f"{hub_err}\nand from Google Drive: {drive_err}") from drive_err
+
+
+def load_released(name: Optional[str] = None, path: Optional[str] = None, cache_dir: Optional[str] = None,
+                  backend: str = "auto"):
+    """Build a released ResNet-50 model and load its weights.
+
+    ``name``: one of :data:`RELEASES` (downloaded once when ``path`` is None; with a ``path``
+    the file must be that variant). ``path``: a checkpoint on disk in either layout (see
+    :func:`read_released`); the architecture is read from it. Returns ``(model, criterion,
+    postprocessor)`` as :func:`ddetr_minimal.models.build.build_model`, the model in eval mode
+    with ``model.class_names`` (indexed by label: COCO category ids for the releases) when known.
     """
     from .build import build_model
 
-    release = _release(name)
-    model, criterion, post = build_model(
-        "deformable", num_classes=COCO_NUM_CLASSES, backbone="resnet50", pretrained_backbone=False,
-        with_box_refine=release.with_box_refine, two_stage=release.two_stage, n_levels=release.n_levels,
-        backend=backend)
-    load_official_state_dict(model, read_checkpoint(path or download_released(name, cache_dir)))
+    if path is None:
+        path = download_released(name or "deformable_detr", cache_dir)
+    weights = read_released(path)
+    check_release_name(name, weights)
+    model, criterion, post = build_model("deformable", num_classes=weights.num_classes, pretrained_backbone=False,
+                                         backend=backend, **weights.arch)
+    load_weights(model, weights)
+    model.class_names = weights.class_names or (coco_category_names() if weights.num_classes == COCO_NUM_CLASSES
+                                                else None)
     return model.eval(), criterion, post
