@@ -2,6 +2,7 @@
 variant, the layout of the official decoder layer, corrupted checkpoints, files, downloads."""
 import argparse
 import copy
+import os
 import pickle
 import urllib.error
 
@@ -256,40 +257,69 @@ def test_arbitrary_objects_are_refused(tmp_path):
         read_checkpoint(str(tmp_path / "absent.pth"))
 
 
-def test_download_only_when_called_and_never_overwrites(tmp_path, monkeypatch):
-    calls = []
+class FakeNetwork:
+    """Stands in for torch.hub.download_url_to_file: serves ``files`` (url -> bytes), refuses
+    every other address as the network would, and records what was asked for."""
 
-    def fake(url, dst, progress=True):
-        calls.append(url)
+    def __init__(self, files=None):
+        self.files, self.calls = dict(files or {}), []
+
+    def __call__(self, url, dst, progress=True):
+        self.calls.append(url)
+        if url not in self.files:
+            raise urllib.error.URLError(f"no route to {url}")
         with open(dst, "wb") as f:
-            f.write(b"PK\x03\x04 checkpoint bytes")
+            f.write(self.files[url])
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake)
-    path = released.download_released("deformable_detr_refine", cache_dir=str(tmp_path))
-    assert calls == [RELEASES["deformable_detr_refine"].url] and "1JYKyRYzUH7uo9eVfDaVCiaIGZb5YTCuI" in calls[0]
-    with open(path, "wb") as f:
+
+def test_download_tries_the_hub_first_and_never_overwrites(tmp_path, monkeypatch):
+    r = RELEASES["deformable_detr_refine"]
+    net = FakeNetwork({r.hub_url("config.json"): b'{"model_type": "deformable_detr"}',
+                       r.hub_url("model.safetensors"): b"safetensors bytes"})
+    monkeypatch.setattr(torch.hub, "download_url_to_file", net)
+    folder = released.download_released("deformable_detr_refine", cache_dir=str(tmp_path))
+    assert net.calls == ["https://huggingface.co/SenseTime/deformable-detr-with-box-refine/resolve/main/config.json",
+                         "https://huggingface.co/SenseTime/deformable-detr-with-box-refine/resolve/main/model.safetensors"]
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
         f.write(b"my own file")
-    assert released.download_released("deformable_detr_refine", cache_dir=str(tmp_path)) == path
-    assert len(calls) == 1 and open(path, "rb").read() == b"my own file"
+    assert released.download_released("deformable_detr_refine", cache_dir=str(tmp_path)) == folder
+    assert len(net.calls) == 2 and open(os.path.join(folder, "model.safetensors"), "rb").read() == b"my own file"
     with pytest.raises(ValueError, match="name must be one of"):
         released.download_released("deformable_detr_r101", cache_dir=str(tmp_path))
 
 
-def test_download_failures_say_what_to_do(tmp_path, monkeypatch):
-    def html(url, dst, progress=True):
-        with open(dst, "wb") as f:
-            f.write(b"\n<!DOCTYPE html><html><body>Google Drive - Virus scan warning</body></html>")
+def test_hub_without_safetensors_gives_pytorch_model_bin(tmp_path, monkeypatch):
+    r = RELEASES["deformable_detr"]
+    net = FakeNetwork({r.hub_url("config.json"): b"{}", r.hub_url("pytorch_model.bin"): b"PK\x03\x04 bin"})
+    monkeypatch.setattr(torch.hub, "download_url_to_file", net)
+    folder = released.download_released("deformable_detr", cache_dir=str(tmp_path))
+    assert [u.rsplit("/", 1)[1] for u in net.calls] == ["config.json", "model.safetensors", "pytorch_model.bin"]
+    assert sorted(os.listdir(folder)) == ["config.json", "pytorch_model.bin"]  # no partial file left
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", html)
+
+def test_drive_is_the_fallback_and_its_file_is_cached(tmp_path, monkeypatch):
+    r = RELEASES["deformable_detr_two_stage"]
+    net = FakeNetwork({r.url: b"PK\x03\x04 checkpoint bytes"})  # the hub cannot be reached
+    monkeypatch.setattr(torch.hub, "download_url_to_file", net)
+    path = released.download_released("deformable_detr_two_stage", cache_dir=str(tmp_path))
+    assert net.calls == [r.hub_url("config.json"), r.url] and "15I03A7hNTpwuLNdfuEmW9_taZMNVssEp" in net.calls[1]
+    assert path == str(tmp_path / "r50_deformable_detr_two_stage.pth") and os.listdir(tmp_path) == [os.path.basename(path)]
+    assert released.download_released("deformable_detr_two_stage", cache_dir=str(tmp_path)) == path
+    assert len(net.calls) == 2  # the cached Drive file is used without asking the hub again
+
+
+def test_download_failures_say_what_to_do(tmp_path, monkeypatch):
     page = RELEASES["deformable_detr"].page_url
+    html = b"\n<!DOCTYPE html><html><body>Google Drive - Virus scan warning</body></html>"
+    monkeypatch.setattr(torch.hub, "download_url_to_file", FakeNetwork({RELEASES["deformable_detr"].url: html}))
     with pytest.raises(RuntimeError, match="sent a web page") as info:
         released.download_released("deformable_detr", cache_dir=str(tmp_path))
-    assert page in str(info.value) and list(tmp_path.iterdir()) == []  # the partial file is gone
+    assert page in str(info.value) and list(tmp_path.iterdir()) == []  # no partial file, no empty folder
+    assert "SenseTime/deformable-detr" in str(info.value)  # the hub was tried first
 
-    def offline(url, dst, progress=True):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", FakeNetwork())
     with pytest.raises(RuntimeError, match="could not download deformable_detr") as info:
         released.download_released("deformable_detr", cache_dir=str(tmp_path))
-    assert page in str(info.value) and "path=<file>" in str(info.value)
+    assert page in str(info.value) and "path=<file>" in str(info.value) and "no route to" in str(info.value)
+    assert list(tmp_path.iterdir()) == []

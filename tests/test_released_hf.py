@@ -8,20 +8,20 @@ import torch
 from ddetr_minimal.models import released
 from ddetr_minimal.models.released import load_released, read_released
 
-transformers = pytest.importorskip("transformers", reason="transformers is the reference implementation here")
-DeformableDetrConfig = transformers.DeformableDetrConfig
-DeformableDetrForObjectDetection = transformers.DeformableDetrForObjectDetection
+from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection  # the reference
 
-VARIANTS = {"plain": (False, False), "refine": (True, False), "two_stage": (True, True)}
+# (with_box_refine, two_stage, levels)
+VARIANTS = {"plain": (False, False, 4), "refine": (True, False, 4), "two_stage": (True, True, 4),
+            "single_scale": (False, False, 1)}
 
 
-def _hf_model(refine, two_stage, seed=0, num_labels=5):
+def _hf_model(refine, two_stage, seed=0, num_labels=5, levels=4):
     cfg = DeformableDetrConfig(
         use_timm_backbone=True, use_pretrained_backbone=False, backbone="resnet50", d_model=64,
         encoder_layers=2, decoder_layers=2, encoder_ffn_dim=96, decoder_ffn_dim=96, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_n_points=2, decoder_n_points=2, num_queries=10,
         two_stage_num_proposals=10, num_labels=num_labels, with_box_refine=refine, two_stage=two_stage,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+        num_feature_levels=levels, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
     torch.manual_seed(seed)
     model = DeformableDetrForObjectDetection(cfg).eval()
     g = torch.Generator().manual_seed(seed + 1)
@@ -60,12 +60,13 @@ def _padded_batch():
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_hugging_face_checkpoint_gives_the_same_detections(variant, tmp_path):
-    refine, two_stage = VARIANTS[variant]
-    theirs = _hf_model(refine, two_stage)
+    refine, two_stage, levels = VARIANTS[variant]
+    theirs = _hf_model(refine, two_stage, levels=levels)
     if two_stage:
         _padding_loses(theirs)
     theirs.save_pretrained(tmp_path)
     ours, _, _ = load_released(path=str(tmp_path), backend="torch")
+    assert ours.transformer.n_levels == levels and (ours.with_box_refine, ours.two_stage) == (refine, two_stage)
     images, pixel_mask = _padded_batch()
     with torch.no_grad():
         expected = theirs(pixel_values=images, pixel_mask=pixel_mask)
@@ -80,6 +81,116 @@ def test_hugging_face_checkpoint_gives_the_same_detections(variant, tmp_path):
     torch.testing.assert_close(got["pred_logits"], expected.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["pred_boxes"], expected.pred_boxes, rtol=1e-5, atol=1e-6)
     # and the outputs are not trivially equal: another random model differs
-    other = _hf_model(refine, two_stage, seed=3)
+    other = _hf_model(refine, two_stage, seed=3, levels=levels)
     with torch.no_grad():
         assert not torch.allclose(other(pixel_values=images, pixel_mask=pixel_mask).logits, expected.logits, atol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A plain model saved by transformers, and its outputs on the padded batch."""
+    folder = tmp_path_factory.mktemp("hf_plain")
+    theirs = _hf_model(False, False, seed=11)
+    theirs.save_pretrained(folder)
+    images, pixel_mask = _padded_batch()
+    with torch.no_grad():
+        out = theirs(pixel_values=images, pixel_mask=pixel_mask)
+    return folder, out.logits, out.pred_boxes
+
+
+def _detect(model):
+    images, pixel_mask = _padded_batch()
+    with torch.no_grad():
+        out = model(images, pixel_mask == 0)
+    return out["pred_logits"], out["pred_boxes"]
+
+
+def test_pytorch_model_bin_reads_like_safetensors(saved, tmp_path):
+    """The hub's older copies are pytorch_model.bin: a plain state dict saved with torch.save."""
+    from safetensors.torch import load_file
+
+    folder, logits, boxes = saved
+    torch.save(load_file(str(folder / "model.safetensors")), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    got = read_released(str(tmp_path))
+    assert got.layout == "hugging face" and got.file.endswith("pytorch_model.bin")
+    model = load_released(path=str(tmp_path / "pytorch_model.bin"), backend="torch")[0]
+    torch.testing.assert_close(_detect(model), (logits, boxes), rtol=1e-5, atol=1e-5)
+    assert model.class_names == [f"LABEL_{i}" for i in range(5)]  # the config's id2label
+
+
+def test_truncated_file_is_named(saved, tmp_path):
+    folder, _, _ = saved
+    data = (folder / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(ValueError, match="truncated") as info:
+        load_released(path=str(tmp_path))
+    assert str(tmp_path / "model.safetensors") in str(info.value)
+    torch.save({"model.level_embed": torch.zeros(4, 64)}, tmp_path / "short.bin")
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "short.bin").read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated") as info:
+        load_released(path=str(tmp_path / "cut.bin"))
+    assert "cut.bin" in str(info.value)
+
+
+def test_mismatched_file_lists_the_keys(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, _, _ = saved
+    sd = load_file(str(folder / "model.safetensors"))
+    del sd["model.encoder.layers.1.fc2.weight"]
+    sd["model.decoder.layers.0.encoder_attn_layer_norm.weight"] = torch.ones(65)
+    sd["model.encoder.layers.0.extra.weight"] = torch.zeros(2)
+    sd["class_embed.1.bias"] = sd["class_embed.0.bias"] + 1  # a second copy of the shared head, not equal
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(ValueError) as info:
+        load_released(path=str(tmp_path))
+    msg = str(info.value)
+    assert str(tmp_path / "model.safetensors") in msg and "hugging face layout" in msg
+    assert ("missing keys (1):\n    transformer.encoder.layers.1.linear2.weight "
+            "(file: model.encoder.layers.1.fc2.weight)") in msg
+    assert "unexpected keys (1):\n    model.encoder.layers.0.extra.weight" in msg
+    assert ("model.decoder.layers.0.encoder_attn_layer_norm.weight: checkpoint (65,), model (64,) "
+            "(our transformer.decoder.layers.0.norm2.weight)") in msg
+    assert "inconsistent copies (1):\n    class_embed.1.bias differs from class_embed.0.bias" in msg
+
+
+def test_unsupported_config_is_refused(saved, tmp_path):
+    folder, _, _ = saved
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(dilation=True, decoder_n_points=3)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError) as info:
+        load_released(path=str(tmp_path))
+    msg = str(info.value)
+    assert str(tmp_path / "config.json") in msg and "dilation = True" in msg
+    assert "encoder_n_points = 2 but decoder_n_points = 3" in msg
+
+
+def test_name_must_match_the_file(saved):
+    folder, _, _ = saved
+    with pytest.raises(ValueError, match="name='deformable_detr_two_stage'"):
+        load_released("deformable_detr_two_stage", path=str(folder))
+
+
+def test_download_from_the_hub_then_load(saved, tmp_path, monkeypatch):
+    """What the book's Colab cell runs, with the hub served from a local folder."""
+    folder, logits, boxes = saved
+    r = released.RELEASES["deformable_detr"]
+    files = {r.hub_url(n): (folder / n).read_bytes() for n in ("config.json", "model.safetensors")}
+    calls = []
+
+    def serve(url, dst, progress=True):
+        calls.append(url)
+        with open(dst, "wb") as f:
+            f.write(files[url])
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", serve)
+    model = load_released("deformable_detr", cache_dir=str(tmp_path), backend="torch")[0]
+    torch.testing.assert_close(_detect(model), (logits, boxes), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2 and not model.training
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model_type"] == "deformable_detr"

@@ -9,5 +9,6 @@
 * :mod:`.deformable_detr`, :mod:`.detr` -- the two detectors;
 * :mod:`.matcher`, :mod:`.criterion`, :mod:`.postprocess` -- matching, losses, top-k boxes;
 * :mod:`.build` -- ``build_model``, the factory;
-* :mod:`.released` -- ``load_released``: the official release's checkpoints.
+* :mod:`.released` -- ``load_released``: the released COCO models, from the official files or the
+  Hugging Face hub (layouts in :mod:`.official_checkpoint` and :mod:`.hf_checkpoint`).
 """

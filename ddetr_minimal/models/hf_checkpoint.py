@@ -70,15 +70,16 @@ def _layer_key(kind: str, i: str, module: str, rest: str) -> str | None:
 
 
 def hf_to_ours(state_dict: Dict[str, Tensor], *, with_box_refine: bool, two_stage: bool, num_decoder_layers: int
-               ) -> Tuple[Dict[str, Tensor], Dict[str, str], List[str]]:
+               ) -> Tuple[Dict[str, Tensor], Dict[str, str], List[str], List[str]]:
     """Rename a Hugging Face state dict into ours.
 
-    Returns ``(ours, source, problems)``: our tensors, the file's name of each of our keys
-    (for error messages) and the inconsistencies found (keys that fit nowhere, copies of one
-    head that differ). The caller decides what to do with them.
+    Returns ``(ours, source, unexpected, conflicts)``: our tensors, the file's name of each of
+    our keys (for error messages), the file's keys that fit nowhere, and the copies of one head
+    that differ. The caller decides what to do with them.
     """
     ours: Dict[str, Tensor] = {}
     source: Dict[str, str] = {}
+    unexpected: List[str] = []
     problems: List[str] = []
     heads: Dict[Tuple[str, int, str], List[Tuple[str, Tensor]]] = {}
     for key, v in state_dict.items():
@@ -99,7 +100,7 @@ def hf_to_ours(state_dict: Dict[str, Tensor], *, with_box_refine: bool, two_stag
         elif key.startswith("model.") and key[len("model."):].startswith(_TRANSFORMER):
             new = "transformer." + key[len("model."):]
         if new is None:
-            problems.append(f"unexpected key {key}")
+            unexpected.append(key)
             continue
         ours[new], source[new] = v, key
     n_pred = num_decoder_layers + int(two_stage)
@@ -111,7 +112,7 @@ def hf_to_ours(state_dict: Dict[str, Tensor], *, with_box_refine: bool, two_stag
                 if not torch.equal(v, found[0][1]):
                     problems.append(f"{key} differs from {found[0][0]}, but they are one module")
         extra = sorted(i for (n, i, r) in heads if n == name and r == rest and i >= n_pred)
-        problems += [f"unexpected key {heads[(name, i, rest)][0][0]} (only {n_pred} heads)" for i in extra]
+        unexpected += [key for i in extra for key, _ in heads[(name, i, rest)]]
         if not copies[0]:
             continue  # reported as a missing key by the caller
         first_key, first = copies[0][0]
@@ -124,7 +125,7 @@ def hf_to_ours(state_dict: Dict[str, Tensor], *, with_box_refine: bool, two_stag
                     if not torch.equal(v, first):
                         problems.append(f"{key} differs from {first_key}; without box refinement the heads "
                                         "are shared (is this a box-refinement checkpoint?)")
-    return ours, source, problems
+    return ours, source, unexpected, problems
 
 
 # --------------------------------------------------------------------------------------

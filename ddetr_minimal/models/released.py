@@ -99,7 +99,8 @@ class ReleasedWeights:
     file: str
     layout: str
     class_names: Optional[List[str]] = None
-    problems: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    conflicts: List[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------
@@ -118,14 +119,15 @@ def _variant(model: nn.Module):
 
 
 def load_checked(model: nn.Module, ours: Dict[str, Tensor], file_name: Callable[[str], str], *,
-                 unexpected: Sequence[str] = (), skip: Sequence[str] = (), where: str = "the checkpoint",
-                 label: str = "file") -> None:
+                 unexpected: Sequence[str] = (), conflicts: Sequence[str] = (), skip: Sequence[str] = (),
+                 where: str = "the checkpoint", label: str = "file") -> None:
     """Load ``ours`` (our names) into ``model``, all or nothing.
 
     Every key not starting with a prefix in ``skip`` must be used and every such parameter
     and buffer filled with a tensor of the right shape; otherwise a ``ValueError`` names
     ``where`` and lists the missing keys, the unexpected keys and the shape mismatches, with
-    ``file_name(key)``, the key's name in the file, beside ours where they differ.
+    ``file_name(key)``, the key's name in the file, beside ours where they differ, and the
+    ``conflicts`` found while renaming (copies of one module that differ).
     """
     refine, two_stage = _variant(model)
     kept = lambda k: not k.startswith(tuple(skip))  # noqa: E731
@@ -137,10 +139,11 @@ def load_checked(model: nn.Module, ours: Dict[str, Tensor], file_name: Callable[
     shapes = [f"{file_name(k)}: checkpoint {tuple(ours[k].shape)}, model {tuple(expected[k].shape)}"
               + (f" (our {k})" if file_name(k) != k else "")
               for k in expected if k in ours and ours[k].shape != expected[k].shape]
-    if missing or extra or shapes:
+    if missing or extra or shapes or conflicts:
         parts = [f"{where} does not fit DeformableDETR(with_box_refine={refine}, two_stage={two_stage}, "
                  f"num_classes={getattr(model, 'num_classes', '?')}, num_queries={getattr(model, 'num_queries', '?')}):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", extra), ("wrong shapes", shapes)):
+        for title, items in (("missing keys", missing), ("unexpected keys", extra), ("wrong shapes", shapes),
+                             ("inconsistent copies", list(conflicts))):
             if items:
                 parts.append(_listing(title, items))
         raise ValueError("\n".join(parts))
@@ -198,12 +201,12 @@ def read_released(path: str) -> ReleasedWeights:
         refine = arch_cfg.get("with_box_refine", any(k.startswith("model.decoder.bbox_embed.") for k in sd))
         D = _count(sd, "model.decoder.layers.")
         two_stage = "model.enc_output.weight" in sd
-        ours, source, problems = hf.hf_to_ours(sd, with_box_refine=refine, two_stage=two_stage, num_decoder_layers=D)
+        ours, source, unexpected, conflicts = hf.hf_to_ours(sd, with_box_refine=refine, two_stage=two_stage, num_decoder_layers=D)
         arch = _arch_from_state(ours, with_box_refine=refine, where=weights, n_heads=arch_cfg.get("n_heads", 8),
                                 n_points=arch_cfg.get("n_points", 4), num_queries=arch_cfg.get("num_queries"))
         names = hf.class_names_from_config(cfg)
         return ReleasedWeights(arch, int(ours["class_embed.0.weight"].shape[0]), ours, source, weights, "hugging face",
-                               names, problems)
+                               names, unexpected, conflicts)
     if "transformer.level_embed" not in sd:
         raise ValueError(f"{weights!r} is neither in the official layout (transformer.level_embed) nor in the "
                          f"Hugging Face one (model.level_embed); its first keys: {sorted(sd)[:8]}")
@@ -233,7 +236,7 @@ def load_weights(model: nn.Module, weights: ReleasedWeights, skip: Sequence[str]
     """Load ``weights`` into ``model`` (all or nothing; ``skip``: key prefixes left as they are)."""
     is_hf = weights.layout == "hugging face"
     file_name = (lambda k: weights.source.get(k, hf.hf_key(k))) if is_hf else official_key
-    load_checked(model, weights.state, file_name, unexpected=weights.problems, skip=skip,
+    load_checked(model, weights.state, file_name, unexpected=weights.unexpected, conflicts=weights.conflicts, skip=skip,
                  where=f"{weights.file!r} ({weights.layout} layout)", label="file" if is_hf else "official")
 
 
