@@ -24,6 +24,11 @@ What lands in ``--output-dir``:
 ``--backbone-weights FILE`` starts the backbone from :mod:`ddetr_minimal.training.pretrain`'s output
 (the toy experiments' stand-in for ImageNet weights); ``--lr-backbone`` sets its learning rate.
 
+``--pretrained NAME_OR_PATH`` fine-tunes a released COCO model (or any checkpoint in the
+official or Hugging Face layout) on the dataset, with its own classes: the architecture and
+every tensor but the class heads come from the checkpoint, and the learning rates are the
+paper's unless given (see :mod:`ddetr_minimal.training.finetune`).
+
 ``--resume`` continues from ``checkpoint.pth`` exactly where it stopped (on a CPU the weights
 after 1 + 1 resumed epochs equal those after 2 straight ones). An output folder that already
 holds a checkpoint or metrics is never overwritten unless ``--resume`` or ``--force``.
@@ -48,6 +53,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..datasets.coco_eval import format_metrics
 from ..datasets.coco import build_dataset, collate_fn
+from . import finetune
 from .engine import evaluate, is_dist, rank, train_one_epoch
 from .pretrain import load_backbone_weights
 from ..measure.records import save_atomic
@@ -89,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backbone", choices=["resnet50", "resnet101", "small"])
     m.add_argument("--pretrained-backbone", dest="pretrained_backbone", action="store_true", default=None)
     m.add_argument("--no-pretrained-backbone", dest="pretrained_backbone", action="store_false")
+    m.add_argument("--pretrained", metavar="NAME_OR_PATH",
+                   help="fine-tune from released weights: a release name (deformable_detr, deformable_detr_refine, "
+                   "deformable_detr_two_stage, deformable_detr_single_scale; downloaded once) or a checkpoint file "
+                   "or Hugging Face folder; new class heads for this dataset")
     m.add_argument("--backbone-weights", help="start the backbone from a file written by python -m "
                    "ddetr_minimal.training.pretrain (the small CNN's analogue of ImageNet weights)")
     for name, typ in (("d_model", int), ("n_heads", int), ("enc_layers", int), ("dec_layers", int),
@@ -116,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(argv=None) -> argparse.Namespace:
     """Parse ``argv`` and fill every unset flag from the preset; check the combination."""
     args = build_parser().parse_args(argv)
+    args.flags_given = sorted([k for k in PRESETS[args.preset] if getattr(args, k, None) is not None]
+                              + [k for k in ("with_box_refine", "two_stage") if getattr(args, k)])
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -162,7 +174,7 @@ def build_model_from_args(args, num_classes: int):
                        enc_layers=args.enc_layers, dec_layers=args.dec_layers,
                        dim_feedforward=args.dim_feedforward, dropout=args.dropout,
                        num_queries=args.num_queries, n_points=args.n_points, aux_loss=args.aux_loss,
-                       detr_focal=args.detr_focal)
+                       detr_focal=args.detr_focal, n_levels=getattr(args, "n_levels", 4))
 
 
 def param_groups(model: torch.nn.Module, lr: float, lr_backbone: float, lr_linear_proj_mult: float) -> list:
@@ -240,6 +252,10 @@ def _loader(dataset, batch_size, shuffle, seed, generator, num_workers, world, d
 def main(argv=None) -> dict:
     """Run a training; return ``{"epochs": [...metrics lines...], "output_dir": ...}``."""
     args = resolve_args(argv)
+    pretrained = None
+    if args.pretrained:  # the architecture is the checkpoint's (also when resuming)
+        pretrained = finetune.read_pretrained(args.pretrained)
+        finetune.apply_pretrained(args, pretrained)
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.amp and not device_name.startswith("cuda"):
         raise SystemExit(f"--amp needs a CUDA device, got --device {device_name}")
@@ -269,6 +285,11 @@ def main(argv=None) -> dict:
     model, criterion, postprocessor = build_model_from_args(args, train_set.num_classes)
     if args.backbone_weights and not args.resume:  # a resumed run gets every weight from its checkpoint
         load_backbone_weights(model.backbone, args.backbone_weights)
+    if pretrained is not None and not args.resume:
+        n = finetune.load_pretrained(model, pretrained)
+        if this_rank == 0:
+            print(f"fine-tuning from {pretrained.file} ({pretrained.layout} layout): {n} tensors loaded, "
+                  f"class heads new for {train_set.num_classes} classes", flush=True)
     model.to(device)
     criterion.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.lr_backbone, args.lr_linear_proj_mult),
