@@ -194,3 +194,44 @@ def test_download_from_the_hub_then_load(saved, tmp_path, monkeypatch):
     assert len(calls) == 2 and not model.training
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["model_type"] == "deformable_detr"
+
+
+@pytest.mark.parametrize("variant", ["plain", "two_stage"])
+def test_sampling_points_and_detections_match_transformers(variant, tmp_path):
+    """What the book draws for a released model: the last decoder layer's sampling points and
+    the confident detections, checked against transformers' model on two photos."""
+    from ddetr_minimal.models.inference import decoder_sampling, detect, prepare_images
+
+    refine, two_stage, levels = VARIANTS[variant]
+    theirs = _hf_model(refine, two_stage, seed=2)
+    if two_stage:
+        _padding_loses(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours, _, post = load_released(path=str(tmp_path), backend="torch")
+    torch.manual_seed(0)
+    photos = [torch.rand(3, 90, 120), torch.rand(3, 2100, 1500)]  # the second is scaled down to 1333 high
+    images, mask, sizes = prepare_images(photos)
+    assert images.shape == (2, 3, 1333, 952) and sizes == [(90, 120), (2100, 1500)]
+    assert mask[0, :90, :120].logical_not().all() and mask[0, 90:].all() and not mask[1].any()
+    seen = {}
+    core = theirs.model.decoder.layers[-1].encoder_attn.attn  # the multi-scale op of the last layer
+    handle = core.register_forward_hook(lambda m, args, out: seen.update(loc=args[4], w=args[5]))
+    small_images, small_mask, _ = prepare_images([photos[0], photos[0][:, :70, :100]])
+    with torch.no_grad():
+        expected = theirs(pixel_values=small_images, pixel_mask=(~small_mask).long())
+    handle.remove()
+    got = decoder_sampling(ours, small_images, small_mask)
+    torch.testing.assert_close(got["locations"], seen["loc"], rtol=1e-5, atol=1e-5)  # (B, Q, M, L, K, 2)
+    torch.testing.assert_close(got["weights"], seen["w"], rtol=1e-5, atol=1e-5)  # (B, Q, M, L, K)
+    torch.testing.assert_close(got["outputs"]["pred_logits"], expected.logits, rtol=1e-5, atol=1e-5)
+    assert got["reference_points"].shape[-1] == (4 if two_stage else 2)
+    # detections: the post-processor's top scores above the threshold, in the photo's pixels
+    dets = detect(ours, post, photos[:1], threshold=0.3)[0]
+    scores = expected.logits[0].sigmoid().flatten()
+    assert len(dets["scores"]) == int((scores >= 0.3).sum()) > 0  # the first photo alone: no padding
+    torch.testing.assert_close(dets["scores"], scores[scores >= 0.3].sort(descending=True).values, rtol=0, atol=1e-5)
+    assert (dets["boxes"][:, 2:] <= torch.tensor([120.0, 90.0]) + 1e-4).all() or not len(dets["boxes"])
+    with pytest.raises(ValueError, match="threshold must be in"):
+        detect(ours, post, photos[:1], threshold=5)
+    with pytest.raises(ValueError, match=r"photos\[0\] must be a float tensor"):
+        prepare_images([torch.zeros(120, 90, 3, dtype=torch.uint8)])
