@@ -121,3 +121,24 @@ def test_fine_tuning_run_on_toy_data(toy, release, tmp_path):
     assert 1e-5 < moved("backbone.body.layer4.0.conv1.weight") <= steps * 2e-5 * 1.01
     assert 1e-4 < moved("transformer.encoder.layers.0.linear1.weight") <= steps * 2e-4 * 1.01
     assert 1e-5 < moved("transformer.encoder.layers.0.self_attn.sampling_offsets.weight") <= steps * 2e-5 * 1.01
+
+
+def test_a_dataset_smaller_than_a_batch_is_refused(toy, release, tmp_path):
+    with pytest.raises(SystemExit, match="--batch-size 8 x 1 process.* more than the 4 training images"):
+        train.main(_argv(toy, tmp_path / "run", "--pretrained", str(release[0]), "--batch-size", "8"))
+
+
+def test_train_and_val_must_list_the_same_categories(toy, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(toy, data)
+    ann = data / "annotations" / "instances_val.json"
+    val = json.loads(ann.read_text())
+    val["categories"] = val["categories"][:-1]  # one category fewer (and none of its annotations)
+    dropped = {c["id"] for c in json.loads(ann.read_text())["categories"]} - {c["id"] for c in val["categories"]}
+    val["annotations"] = [a for a in val["annotations"] if a["category_id"] not in dropped]
+    ann.write_text(json.dumps(val))
+    with pytest.raises(SystemExit, match="list different categories"):
+        train.main(_argv(data, tmp_path / "run", "--d-model", "32", "--n-heads", "2", "--enc-layers", "1",
+                         "--dec-layers", "1", "--epochs", "1"))

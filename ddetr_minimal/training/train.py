@@ -277,7 +277,13 @@ def main(argv=None) -> dict:
 
     train_set = build_dataset(args.data_path, "train", args.preset, args.image_size, args.max_train_images)
     val_set = build_dataset(args.data_path, "val", args.preset, args.image_size, args.max_val_images)
+    if train_set.cat_ids != val_set.cat_ids:  # labels are positions in the sorted category ids
+        raise SystemExit(f"the train and val annotations of {args.data_path} list different categories "
+                         f"(ids {train_set.cat_ids[:10]} and {val_set.cat_ids[:10]}); both must list the same")
     per_rank = args.batch_size  # per process, as in the paper's code
+    if len(train_set) < per_rank * world:  # the loader drops the last incomplete batch: no step at all
+        raise SystemExit(f"--batch-size {per_rank} x {world} process(es) is more than the {len(train_set)} training "
+                         f"images of {args.data_path}; lower --batch-size or add images")
     train_loader = _loader(train_set, per_rank, True, args.seed, loader_gen, args.num_workers, world, True)
     val_loader = _loader(val_set, per_rank, False, args.seed, torch.Generator().manual_seed(0),
                          args.num_workers, world, False)
