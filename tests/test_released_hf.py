@@ -235,3 +235,41 @@ def test_sampling_points_and_detections_match_transformers(variant, tmp_path):
         detect(ours, post, photos[:1], threshold=5)
     with pytest.raises(ValueError, match=r"photos\[0\] must be a float tensor"):
         prepare_images([torch.zeros(120, 90, 3, dtype=torch.uint8)])
+
+
+def test_the_chapter_cells_run_with_a_stand_in_release(saved, monkeypatch):
+    """Chapter 5's released-model cells (run in Colab only), executed here with the download
+    replaced by the saved random model: they detect, draw, and plot the sampling points."""
+    from pathlib import Path
+
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import nbformat
+
+    matplotlib.use("Agg")
+    folder, _, _ = saved
+    nb = nbformat.read(Path(__file__).parents[1] / "book" / "ch05_model.ipynb", as_version=4)
+    cells = [c.source for c in nb.cells if c.cell_type == "code" and "released-model" in c.metadata.get("tags", [])]
+    assert len(cells) == 3 and "load_released(RELEASE)" in cells[0]
+    monkeypatch.setenv("DDETR_DOWNLOAD", "1")
+    asked = []
+    monkeypatch.setattr(released, "download_released", lambda name, cache_dir=None: asked.append(name) or str(folder))
+    monkeypatch.setattr(plt, "show", lambda: None)
+    from ddetr_minimal.viz import common
+
+    full_size = common.sample_photo
+    monkeypatch.setattr(common, "sample_photo", lambda: full_size((150, 128)))  # the photo, smaller: faster
+    namespace = {}
+    before = set(plt.get_fignums())
+    for source in cells:
+        exec(compile(source, "ch05_model.ipynb", "exec"), namespace)
+    assert asked == ["deformable_detr"] and namespace["RUN_DOWNLOADS"]
+    found = namespace["found"]
+    assert len(found["boxes"]) == len(found["scores"]) and (found["scores"] >= namespace["THRESHOLD"]).all()
+    assert namespace["seen"]["locations"].shape[:2] == (1, 10)  # (B, Q, M, L, K, 2)
+    assert len(set(plt.get_fignums()) - before) == 2  # the detections and the sampling points
+    plt.close("all")
+    monkeypatch.setenv("DDETR_DOWNLOAD", "0")  # offline: nothing is downloaded, one line is shown
+    namespace = {}
+    exec(compile(cells[0], "ch05_model.ipynb", "exec"), namespace)
+    assert not namespace["RUN_DOWNLOADS"] and asked == ["deformable_detr"]
