@@ -8,7 +8,8 @@ its initial reference boxes, and, through a sine embedding, its queries.
 Ranking differs from the official code in one respect: tokens that are padding, or whose
 proposal touches the image border, are masked to ``-inf`` *before* the ranking here, so on a
 padded batch they are never chosen. The official implementation ranks the raw scores, where a
-padding token can win (its proposal is then ``inf``); ``tests/test_two_stage.py`` shows both.
+padding token can win (its proposal is then ``inf``); ``tests/test_two_stage.py`` shows both
+on a padded batch.
 """
 from __future__ import annotations
 
@@ -54,8 +55,14 @@ def select_proposals(scores: torch.Tensor, boxes_unact: torch.Tensor, valid: tor
                      num_queries: int) -> torch.Tensor:
     """The ``num_queries`` best boxes: scores (N, S), boxes_unact (N, S, 4), valid (N, S).
 
-    Invalid tokens are masked to ``-inf`` first, so they are never chosen (see the module
-    docstring). Returns the chosen boxes (N, k, 4) in inverse-sigmoid space, detached: the
+    Invalid tokens (padding, or a proposal on the image border) are masked to ``-inf`` first,
+    so they are never chosen. This differs from the official code and from transformers, which
+    rank the raw scores: there every invalid token has the same score (its memory is zeroed),
+    and on a padded batch they can fill the top k with boxes at ``inf`` (sigmoid 1, a degenerate
+    box in the corner). The two choices agree whenever no invalid token outscores the k-th
+    valid one; border tokens exist on unpadded images too (on the finest levels of a large
+    image), so this is a property of the weights, not of the batch. ``tests/test_two_stage.py``
+    shows both rankings on a padded batch. Returns the chosen boxes (N, k, 4) in inverse-sigmoid space, detached: the
     decoder refines them but does not train the proposal head through them.
     """
     score = scores.masked_fill(~valid, float("-inf"))  # (N, S)
