@@ -62,8 +62,10 @@ def select_proposals(scores: torch.Tensor, boxes_unact: torch.Tensor, valid: tor
     box in the corner). The two choices agree whenever no invalid token outscores the k-th
     valid one; border tokens exist on unpadded images too (on the finest levels of a large
     image), so this is a property of the weights, not of the batch. ``tests/test_two_stage.py``
-    shows both rankings on a padded batch. Returns the chosen boxes (N, k, 4) in inverse-sigmoid space, detached: the
-    decoder refines them but does not train the proposal head through them.
+    shows both rankings on a padded batch.
+
+    Returns the chosen boxes (N, k, 4) in inverse-sigmoid space, detached: the decoder refines
+    them but does not train the proposal head through them.
     """
     score = scores.masked_fill(~valid, float("-inf"))  # (N, S)
     k = min(num_queries, score.shape[1])
