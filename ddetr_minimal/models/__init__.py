@@ -10,5 +10,6 @@
 * :mod:`.matcher`, :mod:`.criterion`, :mod:`.postprocess` -- matching, losses, top-k boxes;
 * :mod:`.build` -- ``build_model``, the factory;
 * :mod:`.released` -- ``load_released``: the released COCO models, from the official files or the
-  Hugging Face hub (layouts in :mod:`.official_checkpoint` and :mod:`.hf_checkpoint`).
+  Hugging Face hub (layouts in :mod:`.official_checkpoint` and :mod:`.hf_checkpoint`);
+* :mod:`.inference` -- photos to a padded batch, confident detections, a decoder layer's sampling points.
 """

@@ -2,6 +2,7 @@
 
 * :mod:`.engine` -- ``train_one_epoch`` and ``evaluate``;
 * :mod:`.train`, :mod:`.evaluate` -- ``python -m ddetr_minimal train`` / ``evaluate``;
+* :mod:`.finetune` -- ``train --pretrained``: a released model on a dataset's own classes;
 * :mod:`.pretrain` -- the small CNN's stand-in for ImageNet weights;
 * :mod:`.experiments` -- the recorded convergence experiment.
 """
