@@ -273,3 +273,17 @@ def test_the_chapter_cells_run_with_a_stand_in_release(saved, monkeypatch):
     namespace = {}
     exec(compile(cells[0], "ch05_model.ipynb", "exec"), namespace)
     assert not namespace["RUN_DOWNLOADS"] and asked == ["deformable_detr"]
+
+
+def test_in_memory_names_of_newer_transformers_read_too(tmp_path):
+    """``torch.save(model.state_dict())`` of a transformers 5 model: its in-memory names
+    (``mlp.fc1``, ``o_proj``, no ``conv_encoder``) differ from those save_pretrained writes."""
+    theirs = _hf_model(True, False, seed=4)
+    sd = theirs.state_dict()
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    theirs.config.to_json_file(str(tmp_path / "config.json"))
+    ours = load_released(path=str(tmp_path / "pytorch_model.bin"), backend="torch")[0]
+    images, pixel_mask = _padded_batch()
+    with torch.no_grad():
+        expected = theirs(pixel_values=images, pixel_mask=pixel_mask)
+    torch.testing.assert_close(_detect(ours), (expected.logits, expected.pred_boxes), rtol=1e-5, atol=1e-5)
