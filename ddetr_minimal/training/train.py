@@ -252,10 +252,6 @@ def _loader(dataset, batch_size, shuffle, seed, generator, num_workers, world, d
 def main(argv=None) -> dict:
     """Run a training; return ``{"epochs": [...metrics lines...], "output_dir": ...}``."""
     args = resolve_args(argv)
-    pretrained = None
-    if args.pretrained:  # the architecture is the checkpoint's (also when resuming)
-        pretrained = finetune.read_pretrained(args.pretrained)
-        finetune.apply_pretrained(args, pretrained)
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.amp and not device_name.startswith("cuda"):
         raise SystemExit(f"--amp needs a CUDA device, got --device {device_name}")
@@ -266,6 +262,14 @@ def main(argv=None) -> dict:
         device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device_name)
     device = torch.device(device_name)
+    pretrained = None
+    if args.pretrained:  # the architecture is the checkpoint's (also when resuming)
+        if is_dist() and this_rank != 0:
+            dist.barrier()  # rank 0 downloads into the cache first
+        pretrained = finetune.read_pretrained(args.pretrained)
+        if is_dist() and this_rank == 0:
+            dist.barrier()
+        finetune.apply_pretrained(args, pretrained)
     out = prepare_output_dir(args)
     if is_dist():
         dist.barrier()
