@@ -8,7 +8,7 @@ import torch
 
 from ddetr_minimal.datasets.synthetic import generate
 from ddetr_minimal.models.build import build_model
-from ddetr_minimal.models.deformable_detr import focal_bias_prior
+from ddetr_minimal.models.heads import focal_bias_prior
 from ddetr_minimal.models.released import ours_to_official
 from ddetr_minimal.training import finetune, train
 
