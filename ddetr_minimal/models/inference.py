@@ -83,7 +83,8 @@ def decoder_sampling(model: nn.Module, images: Tensor, mask: Tensor, layer: int 
 
     def hook(module, args, kwargs):
         bound = signature.bind(*args, **kwargs).arguments  # the call's arguments by name
-        seen["query"], seen["ref"], seen["shapes"] = (bound[n] for n in ("query", "reference_points", "input_spatial_shapes"))
+        for key, name in (("query", "query"), ("ref", "reference_points"), ("shapes", "input_spatial_shapes")):
+            seen[key] = bound[name]
 
     handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
     try:

@@ -65,14 +65,14 @@ class Release:
         return f"https://huggingface.co/{self.hub_repo}/resolve/main/{filename}"
 
 
+_HUB = "SenseTime/deformable-detr"
 RELEASES: Dict[str, Release] = {
-    "deformable_detr": Release("1nDWZWHuRwtwGden77NLM9JoWe-YisJnA", "SenseTime/deformable-detr",
-                               False, False, 4, 44.5, 43.8),
-    "deformable_detr_refine": Release("1JYKyRYzUH7uo9eVfDaVCiaIGZb5YTCuI", "SenseTime/deformable-detr-with-box-refine",
+    "deformable_detr": Release("1nDWZWHuRwtwGden77NLM9JoWe-YisJnA", _HUB, False, False, 4, 44.5, 43.8),
+    "deformable_detr_refine": Release("1JYKyRYzUH7uo9eVfDaVCiaIGZb5YTCuI", _HUB + "-with-box-refine",
                                       True, False, 4, 46.2, 45.4),
-    "deformable_detr_two_stage": Release("15I03A7hNTpwuLNdfuEmW9_taZMNVssEp",
-                                         "SenseTime/deformable-detr-with-box-refine-two-stage", True, True, 4, 46.9, 46.2),
-    "deformable_detr_single_scale": Release("1WEjQ9_FgfI5sw5OZZ4ix-OKk-IJ_-SDU", "SenseTime/deformable-detr-single-scale",
+    "deformable_detr_two_stage": Release("15I03A7hNTpwuLNdfuEmW9_taZMNVssEp", _HUB + "-with-box-refine-two-stage",
+                                         True, True, 4, 46.9, 46.2),
+    "deformable_detr_single_scale": Release("1WEjQ9_FgfI5sw5OZZ4ix-OKk-IJ_-SDU", _HUB + "-single-scale",
                                             False, False, 1, 39.4),
 }
 COCO_NUM_CLASSES = 91  # the released models index COCO's category ids 1..90 directly
@@ -141,7 +141,8 @@ def load_checked(model: nn.Module, ours: Dict[str, Tensor], file_name: Callable[
               for k in expected if k in ours and ours[k].shape != expected[k].shape]
     if missing or extra or shapes or conflicts:
         parts = [f"{where} does not fit DeformableDETR(with_box_refine={refine}, two_stage={two_stage}, "
-                 f"num_classes={getattr(model, 'num_classes', '?')}, num_queries={getattr(model, 'num_queries', '?')}):"]
+                 f"num_classes={getattr(model, 'num_classes', '?')}, "
+                 f"num_queries={getattr(model, 'num_queries', '?')}):"]
         for title, items in (("missing keys", missing), ("unexpected keys", extra), ("wrong shapes", shapes),
                              ("inconsistent copies", list(conflicts))):
             if items:
@@ -201,7 +202,8 @@ def read_released(path: str) -> ReleasedWeights:
         refine = arch_cfg.get("with_box_refine", any(k.startswith("model.decoder.bbox_embed.") for k in sd))
         D = _count(sd, "model.decoder.layers.")
         two_stage = "model.enc_output.weight" in sd
-        ours, source, unexpected, conflicts = hf.hf_to_ours(sd, with_box_refine=refine, two_stage=two_stage, num_decoder_layers=D)
+        ours, source, unexpected, conflicts = hf.hf_to_ours(sd, with_box_refine=refine, two_stage=two_stage,
+                                                            num_decoder_layers=D)
         arch = _arch_from_state(ours, with_box_refine=refine, where=weights, n_heads=arch_cfg.get("n_heads", 8),
                                 n_points=arch_cfg.get("n_points", 4), num_queries=arch_cfg.get("num_queries"))
         names = hf.class_names_from_config(cfg)
@@ -236,8 +238,8 @@ def load_weights(model: nn.Module, weights: ReleasedWeights, skip: Sequence[str]
     """Load ``weights`` into ``model`` (all or nothing; ``skip``: key prefixes left as they are)."""
     is_hf = weights.layout == "hugging face"
     file_name = (lambda k: weights.source.get(k, hf.hf_key(k))) if is_hf else official_key
-    load_checked(model, weights.state, file_name, unexpected=weights.unexpected, conflicts=weights.conflicts, skip=skip,
-                 where=f"{weights.file!r} ({weights.layout} layout)", label="file" if is_hf else "official")
+    load_checked(model, weights.state, file_name, unexpected=weights.unexpected, conflicts=weights.conflicts,
+                 skip=skip, where=f"{weights.file!r} ({weights.layout} layout)", label="file" if is_hf else "official")
 
 
 # --------------------------------------------------------------------------------------
