@@ -19,7 +19,7 @@ Tensor = torch.Tensor
 
 
 def prepare_images(photos: Sequence[Tensor], max_side: int = 1333) -> Tuple[Tensor, Tensor, List[Tuple[int, int]]]:
-    """Photos (3, H, W) in [0, 1] -> ``(images (B, 3, H, W), mask (B, H, W), sizes)``.
+    """Photos (3, H, W) in [0, 1] -> ``(images (N, 3, H, W), mask (N, H, W), sizes)``.
 
     A photo whose longer side exceeds ``max_side`` is scaled down (antialiased) first, the
     limit of the release's training images. Each is ImageNet-normalised and padded at the
@@ -41,8 +41,8 @@ def prepare_images(photos: Sequence[Tensor], max_side: int = 1333) -> Tuple[Tens
     H, W = max(p.shape[1] for p in resized), max(p.shape[2] for p in resized)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    images = torch.zeros(len(resized), 3, H, W)  # (B, 3, H, W)
-    mask = torch.ones(len(resized), H, W, dtype=torch.bool)  # (B, H, W), True = padding
+    images = torch.zeros(len(resized), 3, H, W)  # (N, 3, H, W)
+    mask = torch.ones(len(resized), H, W, dtype=torch.bool)  # (N, H, W), True = padding
     for i, p in enumerate(resized):
         images[i, :, : p.shape[1], : p.shape[2]] = (p - mean) / std
         mask[i, : p.shape[1], : p.shape[2]] = False
@@ -72,8 +72,8 @@ def detect(model: nn.Module, postprocessor: nn.Module, photos: Sequence[Tensor],
 def decoder_sampling(model: nn.Module, images: Tensor, mask: Tensor, layer: int = -1) -> Dict[str, object]:
     """Where decoder layer ``layer``'s cross-attention samples, for every query.
 
-    Returns ``locations`` (B, Q, M, L, K, 2) normalised (x, y) on the padded image,
-    ``weights`` (B, Q, M, L, K), the layer's ``reference_points`` (B, Q, L, 2|4) as it
+    Returns ``locations`` (N, Lq, M, L, P, 2) normalised (x, y) on the padded image,
+    ``weights`` (N, Lq, M, L, P), the layer's ``reference_points`` (N, Lq, L, 2|4) as it
     received them, ``spatial_shapes`` (L, 2) and the model's ``outputs``.
     """
     attn = model.transformer.decoder.layers[layer].cross_attn

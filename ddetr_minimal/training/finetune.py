@@ -11,7 +11,7 @@ official ``.pth``, or a Hugging Face folder). What happens:
 * the **class heads** are new, sized for the dataset's own classes and initialised as
   in training from scratch: bias at the focal prior (every class starts at probability 0.01),
   weights at PyTorch's default. The released heads cannot be kept even for COCO's own
-  categories: they index COCO's category ids 1..90, the dataset loader numbers categories 0..K-1;
+  categories: they index COCO's category ids 1..90, the dataset loader numbers categories 0..num_classes-1;
 * the **learning rates** are the paper's unless given: 2e-4, backbone 2e-5, sampling offsets
   and reference points 0.1 x (see :func:`ddetr_minimal.training.train.param_groups`);
   ResNet's stem and first stage stay frozen, as in the release.
