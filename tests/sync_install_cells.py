@@ -18,11 +18,15 @@ def repository_url(root: Path = ROOT) -> str:
 
 
 def install_cell(url: str) -> str:
-    return (f"{MARKER} (elsewhere it is already installed).\n"
-            "import subprocess, sys\n"
-            "if \"google.colab\" in sys.modules:\n"
-            "    subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"-q\",\n"
-            f"                    \"ddetr_minimal @ git+{url}\"], check=True)")
+    return (f"{MARKER} (elsewhere it is\n"
+            "# already installed).\n"
+            "import subprocess\n"
+            "import sys\n"
+            "\n"
+            f'REPOSITORY = "{url}"\n'
+            'if "google.colab" in sys.modules:\n'
+            '    pip = [sys.executable, "-m", "pip", "install", "-q"]\n'
+            '    subprocess.run([*pip, f"ddetr_minimal @ git+{REPOSITORY}"], check=True)')
 
 
 def chapters(root: Path = ROOT):

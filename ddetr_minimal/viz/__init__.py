@@ -11,7 +11,7 @@ Figure) and returns it; ``from ddetr_minimal import viz`` then ``viz.plot_...``.
 """
 from .architecture import plot_architecture, trace_architecture
 from .attention import plot_attention_map, plot_entropy_bars
-from .common import sample_photo, show_table
+from .common import glue, sample_photo, show_table, use_book_style
 from .curves import plot_bars, plot_cost_curves, plot_curves, plot_metric_curves
 from .detection import draw_boxes, plot_cost_matrix, plot_matching
 from .kernel import plot_kernel_benchmark, plot_thread_ownership
@@ -26,5 +26,5 @@ __all__ = [
     "bilinear_weight_map", "plot_architecture", "trace_architecture", "draw_boxes", "plot_attention_map", "plot_bars", "plot_bilinear_neighbours",
     "plot_cost_curves", "plot_cost_matrix", "plot_curves", "plot_entropy_bars", "plot_kernel_benchmark",
     "plot_matching", "plot_metric_curves", "plot_sampling_levels", "plot_sampling_points",
-    "plot_thread_ownership", "sample_photo", "show_table",
+    "plot_thread_ownership", "sample_photo", "show_table", "glue", "use_book_style",
 ]

@@ -30,6 +30,16 @@ def use_book_style() -> None:
     plt.rcParams.update(BOOK_STYLE)
 
 
+def glue(name: str, value, display: bool = True):
+    """Hand ``value`` to the book's prose under ``name`` (myst-nb's ``glue``) when the chapter is
+    built into the book; elsewhere (Colab, a plain Jupyter) just return it."""
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        return value
+    return myst_glue(name, value, display=display)
+
+
 def legibility_problems(fig, column_inches: float = COLUMN_INCHES, min_font_pt: float = MIN_FONT_PT):
     """What would be hard to read once ``fig`` is shown in the book's column: a figure wider than
     the column (it gets scaled down, and its text with it) and text smaller than ``min_font_pt``."""
