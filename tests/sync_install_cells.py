@@ -26,7 +26,8 @@ def install_cell(url: str) -> str:
             f'REPOSITORY = "{url}"\n'
             'if "google.colab" in sys.modules:\n'
             '    pip = [sys.executable, "-m", "pip", "install", "-q"]\n'
-            '    subprocess.run([*pip, f"ddetr_minimal @ git+{REPOSITORY}"], check=True)')
+            '    package = f"ddetr_minimal @ git+{REPOSITORY}"\n'
+            '    subprocess.run([*pip, package], check=True)')
 
 
 def chapters(root: Path = ROOT):
