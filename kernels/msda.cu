@@ -10,17 +10,24 @@
 //   spatial_shapes      (L, 2) int64        (H_l, W_l)
 //   level_start         (L,)   int64
 //   sampling_locations  (N, Lq, M, L, P, 2) normalised (x, y); pixel i has its centre at (i + 0.5) / size
-//   attention_weights   (N, Lq, M, L, P)
+//   attention_weights   (N, Lq, M, L, P)    locations and weights hold loc_t, the others scalar_t
 //   output              (N, Lq, M, D)       the caller views it as (N, Lq, M*D)
 //
-// One source, four element types. `scalar_t` is what the tensors hold: float, double, or
-// one of the two 16-bit types below. `acc_t` is what we add up in: double for double,
-// float for everything else, so float16 and bfloat16 inputs (e.g. under torch.autocast)
-// are accumulated in float32 and only the final result is rounded back to 16 bits.
+// One source, four element types. `scalar_t` is what value (and the output) hold: float,
+// double, or one of the two 16-bit types below. `loc_t` is what sampling_locations and
+// attention_weights hold: scalar_t itself, or float when scalar_t is 16-bit -- a bfloat16
+// location on a map of width W = 167 is off by up to a third of a pixel, so under
+// torch.autocast the locations and weights stay float32. `acc_t` is what we add up in:
+// double for double, float for everything else, so 16-bit values are accumulated in
+// float32 and only the final result is rounded back to 16 bits.
+//
+// Notation: N batch, S flattened positions of all levels, M heads, D channels per head,
+// Lq queries, L levels, P points per head and level, (H_l, W_l) level l's size.
 //
 // The file includes no headers, so NVRTC compiles it on any machine without a CUDA
 // toolkit, and g++ compiles it for the CPU through cuda_host_emulation.h (tests).
-// Python compiles the templates it needs by name: msda_forward<float>, msda_backward<bfloat16_t>, ...
+// Python compiles the templates it needs by name: msda_forward<float, float>,
+// msda_backward<bfloat16_t, float>, ...
 
 // ---------------------------------------------------------------------------------------
 // 16-bit element types: we only need to widen them to float and round float back.
@@ -98,7 +105,10 @@ template <> struct Scalar<bfloat16_t> {
 //      (x0, y0+1) ----- (x0+1, y0+1)      w[3] = fy * fx               bottom-right
 //
 // The weights sum to 1. A neighbour outside the map reads zero ("zeros" padding), which
-// we express by giving it position -1 so that callers skip it.
+// we express by giving it position -1: callers multiply its weight by zero instead of
+// reading. A NaN (or infinite) location makes fx, fy and all four weights NaN, and
+// NaN * 0 is NaN, so the sample is NaN, as grid_sample gives: a diverging run shows up
+// in the output instead of reading as zeros.
 template <typename acc_t> struct Bilinear {
   int pos[4];    // row-major position y * W + x inside the level, or -1 outside the map
   acc_t w[4];    // the weights above, in the order top-left, top-right, bottom-left, bottom-right
@@ -137,15 +147,16 @@ __device__ __forceinline__ Bilinear<acc_t> bilinear(acc_t loc_x, acc_t loc_y, in
 // neighbouring channels d, so their reads of value[n, s, m, d] are contiguous (coalesced).
 // The loop is grid-stride: if the grid is smaller than the number of outputs, each
 // thread moves on by (total number of threads) and takes another element.
-template <typename scalar_t>
+template <typename scalar_t, typename loc_t>
 __global__ void msda_forward(const scalar_t* __restrict__ value,
                              const long long* __restrict__ spatial_shapes,
                              const long long* __restrict__ level_start,
-                             const scalar_t* __restrict__ sampling_locations,
-                             const scalar_t* __restrict__ attention_weights,
+                             const loc_t* __restrict__ sampling_locations,
+                             const loc_t* __restrict__ attention_weights,
                              scalar_t* __restrict__ output,
                              int N, int S, int M, int D, int Lq, int L, int P) {
   typedef Scalar<scalar_t> T;
+  typedef Scalar<loc_t> TL;
   typedef typename T::acc_t acc_t;
   const long long total = static_cast<long long>(N) * Lq * M * D;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
@@ -154,8 +165,8 @@ __global__ void msda_forward(const scalar_t* __restrict__ value,
     const long long nqm = i / D;  // ((n * Lq + q) * M + m): the (query, head) pair this thread serves
     const int m = static_cast<int>(nqm % M);
     const long long n = nqm / (static_cast<long long>(Lq) * M);
-    const scalar_t* loc = sampling_locations + nqm * L * P * 2;  // this head's (L, P, 2) block
-    const scalar_t* weight = attention_weights + nqm * L * P;    // this head's (L, P) block
+    const loc_t* loc = sampling_locations + nqm * L * P * 2;  // this head's (L, P, 2) block
+    const loc_t* weight = attention_weights + nqm * L * P;    // this head's (L, P) block
     const long long row = static_cast<long long>(M) * D;         // distance between positions s and s+1
     const scalar_t* v_nm = value + n * S * row + m * D + d;      // &value[n, 0, m, d]
 
@@ -165,11 +176,11 @@ __global__ void msda_forward(const scalar_t* __restrict__ value,
       const scalar_t* v = v_nm + level_start[l] * row;  // &value[n, level_start[l], m, d]
       for (int p = 0; p < P; ++p) {
         const int lp = l * P + p;
-        const Bilinear<acc_t> b = bilinear<acc_t>(T::load(loc[2 * lp]), T::load(loc[2 * lp + 1]), H, W);
+        const Bilinear<acc_t> b = bilinear<acc_t>(TL::load(loc[2 * lp]), TL::load(loc[2 * lp + 1]), H, W);
         acc_t sample = 0;
-        for (int c = 0; c < 4; ++c)
-          if (b.pos[c] >= 0) sample += b.w[c] * T::load(v[b.pos[c] * row]);
-        acc += T::load(weight[lp]) * sample;
+        for (int c = 0; c < 4; ++c)  // outside the map: weight * 0 (NaN stays NaN)
+          sample += b.w[c] * (b.pos[c] >= 0 ? T::load(v[b.pos[c] * row]) : acc_t(0));
+        acc += TL::load(weight[lp]) * sample;
       }
     }
     output[i] = T::store(acc);
@@ -210,18 +221,19 @@ template <typename acc_t> __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename loc_t>
 __global__ void msda_backward(const scalar_t* __restrict__ value,
                               const long long* __restrict__ spatial_shapes,
                               const long long* __restrict__ level_start,
-                              const scalar_t* __restrict__ sampling_locations,
-                              const scalar_t* __restrict__ attention_weights,
+                              const loc_t* __restrict__ sampling_locations,
+                              const loc_t* __restrict__ attention_weights,
                               const scalar_t* __restrict__ grad_output,
                               typename Scalar<scalar_t>::acc_t* __restrict__ grad_value,
                               typename Scalar<scalar_t>::acc_t* __restrict__ grad_locations,
                               typename Scalar<scalar_t>::acc_t* __restrict__ grad_weights,
                               int N, int S, int M, int D, int Lq, int L, int P) {
   typedef Scalar<scalar_t> T;
+  typedef Scalar<loc_t> TL;
   typedef typename T::acc_t acc_t;
   const int lane = threadIdx.x % 32;
   const long long warp = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
@@ -230,8 +242,8 @@ __global__ void msda_backward(const scalar_t* __restrict__ value,
   for (long long nqm = warp; nqm < total; nqm += n_warps) {  // same trips for all 32 lanes
     const int m = static_cast<int>(nqm % M);
     const long long n = nqm / (static_cast<long long>(Lq) * M);
-    const scalar_t* loc = sampling_locations + nqm * L * P * 2;
-    const scalar_t* weight = attention_weights + nqm * L * P;
+    const loc_t* loc = sampling_locations + nqm * L * P * 2;
+    const loc_t* weight = attention_weights + nqm * L * P;
     const scalar_t* g = grad_output + nqm * D;  // dLoss/dout[n, q, m, :]
     const long long row = static_cast<long long>(M) * D;
     const long long base = n * S * row + m * D;  // offset of [n, 0, m, 0] in value and grad_value
@@ -241,8 +253,8 @@ __global__ void msda_backward(const scalar_t* __restrict__ value,
       const long long level = base + level_start[l] * row;
       for (int p = 0; p < P; ++p) {
         const int lp = l * P + p;
-        const acc_t a = T::load(weight[lp]);
-        const Bilinear<acc_t> b = bilinear<acc_t>(T::load(loc[2 * lp]), T::load(loc[2 * lp + 1]), H, W);
+        const acc_t a = TL::load(weight[lp]);
+        const Bilinear<acc_t> b = bilinear<acc_t>(TL::load(loc[2 * lp]), TL::load(loc[2 * lp + 1]), H, W);
         acc_t part_a = 0, part_x = 0, part_y = 0;  // this lane's share of the three sums over d
         for (int d = lane; d < D; d += 32) {
           acc_t v[4];
@@ -269,12 +281,16 @@ __global__ void msda_backward(const scalar_t* __restrict__ value,
 
 #ifdef CUDA_HOST_EMULATION
 // CPU build only: make the instantiations callable by name from Python (ctypes).
-EMU_REGISTER_KERNEL(msda_forward<float>)
-EMU_REGISTER_KERNEL(msda_forward<double>)
-EMU_REGISTER_KERNEL(msda_forward<half_t>)
-EMU_REGISTER_KERNEL(msda_forward<bfloat16_t>)
-EMU_REGISTER_KERNEL(msda_backward<float>)
-EMU_REGISTER_KERNEL(msda_backward<double>)
-EMU_REGISTER_KERNEL(msda_backward<half_t>)
-EMU_REGISTER_KERNEL(msda_backward<bfloat16_t>)
+EMU_REGISTER_KERNEL(msda_forward<float, float>)
+EMU_REGISTER_KERNEL(msda_forward<double, double>)
+EMU_REGISTER_KERNEL(msda_forward<half_t, half_t>)
+EMU_REGISTER_KERNEL(msda_forward<half_t, float>)
+EMU_REGISTER_KERNEL(msda_forward<bfloat16_t, bfloat16_t>)
+EMU_REGISTER_KERNEL(msda_forward<bfloat16_t, float>)
+EMU_REGISTER_KERNEL(msda_backward<float, float>)
+EMU_REGISTER_KERNEL(msda_backward<double, double>)
+EMU_REGISTER_KERNEL(msda_backward<half_t, half_t>)
+EMU_REGISTER_KERNEL(msda_backward<half_t, float>)
+EMU_REGISTER_KERNEL(msda_backward<bfloat16_t, bfloat16_t>)
+EMU_REGISTER_KERNEL(msda_backward<bfloat16_t, float>)
 #endif

@@ -102,9 +102,14 @@ def test_auto_picks_torch_for_cpu_tensors(monkeypatch):
 
 
 def test_kernel_names_reject_unsupported_dtypes():
-    assert cupy_kernel.kernel_names(torch.float16) == ("msda_forward<half_t>", "msda_backward<half_t>")
+    assert cupy_kernel.kernel_names(torch.float16) == ("msda_forward<half_t, half_t>",
+                                                       "msda_backward<half_t, half_t>")
+    assert cupy_kernel.kernel_names(torch.bfloat16, torch.float32) == ("msda_forward<bfloat16_t, float>",
+                                                                       "msda_backward<bfloat16_t, float>")
     with pytest.raises(TypeError, match="torch.int32"):
         cupy_kernel.kernel_names(torch.int32)
+    with pytest.raises(TypeError, match="value.s dtype torch.float64, got torch.float16"):
+        cupy_kernel.kernel_names(torch.float64, torch.float16)
 
 
 def test_kernel_source_comes_from_the_installed_package():

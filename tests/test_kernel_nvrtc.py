@@ -13,7 +13,7 @@ import pytest
 import torch
 
 if importlib.util.find_spec("cupy") is None:
-    pytest.skip("CuPy is not installed (pip install cupy-cuda12x): no NVRTC to compile the kernels with",
+    pytest.skip("CuPy is not installed (pip install cupy-cuda13x): no NVRTC to compile the kernels with",
                 allow_module_level=True)
 
 from ddetr_minimal.ops.cupy_kernel import COMPILE_OPTIONS, KERNEL_TYPES, kernel_names, kernel_source  # noqa: E402
