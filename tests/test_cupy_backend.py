@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddetr_minimal.measure import bench_kernel
-from ddetr_minimal.ops import cupy_kernel
+from ddetr_minimal.ops import cupy_kernel, selftest
 from ddetr_minimal.ops.checks import level_start_index_from_shapes
 from ddetr_minimal.ops.msda import ms_deform_attn, resolve_backend
 
@@ -23,10 +23,15 @@ def small_inputs(device="cpu"):
 
 @pytest.fixture(autouse=True)
 def fresh_availability():
-    """is_available() caches its answer; every test here starts and ends without it."""
+    """is_available(), the self-test and the compiler cache their answers; every test here
+    starts and ends without them."""
     cupy_kernel.is_available.cache_clear()
+    selftest.forget()
+    cupy_kernel._COMPILED.clear()
     yield
     cupy_kernel.is_available.cache_clear()
+    selftest.forget()
+    cupy_kernel._COMPILED.clear()
 
 
 @pytest.fixture
@@ -37,7 +42,7 @@ def without_cupy(monkeypatch):
 
 def test_cupy_backend_without_cupy_says_how_to_install(without_cupy):
     assert cupy_kernel.is_available() is False
-    with pytest.raises(cupy_kernel.CupyUnavailableError, match=r"pip install cupy-cuda12x"):
+    with pytest.raises(cupy_kernel.CupyUnavailableError, match=r"pip install cupy-cuda13x"):
         ms_deform_attn(*small_inputs(), backend="cupy")
 
 

@@ -18,6 +18,8 @@ Precision: with 16-bit values both backends compute in float32 and round the res
 sampling locations and attention weights may stay float32 (see ``msda.sampling_dtype``).
 Notation as in :mod:`ddetr_minimal.ops.msda`.
 """
+import contextlib
+import sys
 from typing import Tuple
 
 import torch
@@ -74,25 +76,37 @@ def _torch_forward(value, table, loc, weights) -> Tensor:
     return out.to(value.dtype)
 
 
+@contextlib.contextmanager
+def autograd_inside_kernel():
+    """Let autograd record again inside a custom op's kernel.
+
+    The dispatcher runs a custom op's kernel below the autograd layer (autograd keys excluded
+    from the thread's dispatch set), so ``torch.enable_grad()`` alone records nothing there.
+    The torch backend's backward differentiates ``grid_sample`` by recomputing it, so it puts
+    the autograd keys back for that block. (``torch.func.vjp`` would also work, but its
+    wrapper tensors break ``torch.library.opcheck``'s schema and fake-tensor checks.)
+    """
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor, keys.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), \
+            torch.enable_grad():
+        yield
+
+
 def _torch_backward(grad_output, value, table, loc, weights):
     dtype = _compute_dtype(value)
-
-    def forward(v, l, a):
-        return ms_deform_attn_torch(v, table.cpu_shapes, table.cpu_starts, l, a)  # (N, Lq, M*D)
-
-    # torch.func.vjp, not torch.autograd: inside a custom op's kernel autograd does not record
-    with torch.autocast(value.device.type, enabled=False):
-        _, vjp = torch.func.vjp(forward, value.detach().to(dtype), loc.detach().to(dtype),
-                                weights.detach().to(dtype))
-        grads = vjp(grad_output.to(dtype))
-    return tuple(g.to(t.dtype) for g, t in zip(grads, (value, loc, weights)))
+    with autograd_inside_kernel(), torch.autocast(value.device.type, enabled=False):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (value, loc, weights)]
+        out = ms_deform_attn_torch(leaves[0], table.cpu_shapes, table.cpu_starts, leaves[1], leaves[2])
+        grads = torch.autograd.grad(out, leaves, grad_output.to(dtype), allow_unused=True)
+    return tuple((torch.zeros_like(t) if g is None else g).to(t.dtype).contiguous()
+                 for g, t in zip(grads, (value, loc, weights)))
 
 
-@torch.library.custom_op("ddetr_minimal::ms_deform_attn", mutates_args=())
-def ms_deform_attn_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                      sampling_locations: Tensor, attention_weights: Tensor, backend: str,
-                      max_blocks: int) -> Tensor:
-    """(N, Lq, M*D). Inputs' metadata are checked by the caller; the level table here, once."""
+def _forward_kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                    backend, max_blocks):
     table = level_table(spatial_shapes, level_start_index, value.shape[1])
     name = resolve(backend, value, sampling_locations.dtype)
     if name == "torch":
@@ -100,6 +114,22 @@ def ms_deform_attn_op(value: Tensor, spatial_shapes: Tensor, level_start_index: 
     return cupy_kernel.run_forward(launcher(name), value, spatial_shapes, level_start_index,
                                    sampling_locations, attention_weights,
                                    max_blocks=max_blocks or cupy_kernel.MAX_BLOCKS)
+
+
+def _this():
+    """This module as ``sys.modules`` has it now. Importing the module again (a reloaded
+    package, a test that re-imports it) registers the op again, replacing the kernels below;
+    looking the bodies up at call time keeps the live module's code in charge."""
+    return sys.modules[__name__]
+
+
+@torch.library.custom_op("ddetr_minimal::ms_deform_attn", mutates_args=())
+def ms_deform_attn_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                      sampling_locations: Tensor, attention_weights: Tensor, backend: str,
+                      max_blocks: int) -> Tensor:
+    """(N, Lq, M*D). Inputs' metadata are checked by the caller; the level table here, once."""
+    return _this()._forward_kernel(value, spatial_shapes, level_start_index, sampling_locations,
+                                   attention_weights, backend, max_blocks)
 
 
 @ms_deform_attn_op.register_fake
@@ -114,6 +144,12 @@ def ms_deform_attn_backward_op(grad_output: Tensor, value: Tensor, spatial_shape
                                attention_weights: Tensor, backend: str,
                                max_blocks: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of value (N, S, M, D), locations (N, Lq, M, L, P, 2), weights (N, Lq, M, L, P)."""
+    return _this()._backward_kernel(grad_output, value, spatial_shapes, level_start_index,
+                                    sampling_locations, attention_weights, backend, max_blocks)
+
+
+def _backward_kernel(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                     attention_weights, backend, max_blocks):
     table = level_table(spatial_shapes, level_start_index, value.shape[1])
     name = resolve(backend, value, sampling_locations.dtype)
     if name == "torch":
@@ -126,7 +162,8 @@ def ms_deform_attn_backward_op(grad_output: Tensor, value: Tensor, spatial_shape
 @ms_deform_attn_backward_op.register_fake
 def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
       backend, max_blocks):
-    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device)  # contiguous, as both backends give
+                 for t in (value, sampling_locations, attention_weights))
 
 
 def _setup_context(ctx, inputs, output):
