@@ -145,8 +145,10 @@ _TABLES_LOCK = threading.Lock()
 
 
 def _read_table(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> LevelTable:
-    cpu_shapes = spatial_shapes.detach().to("cpu", torch.int64)  # (L, 2); one copy if on the GPU
-    cpu_starts = level_start_index.detach().to("cpu", torch.int64)  # (L,)
+    L = spatial_shapes.shape[0]
+    both = torch.cat((spatial_shapes.detach().reshape(-1).long(), level_start_index.detach().long()))  # (3L,)
+    both = both.to("cpu", copy=True)  # one device-to-host copy for both; a copy, so no input is kept alive
+    cpu_shapes, cpu_starts = both[: 2 * L].view(L, 2), both[2 * L:]  # (L, 2), (L,)
     shapes: List[List[int]] = cpu_shapes.tolist()
     if any(h <= 0 or w <= 0 for h, w in shapes):
         raise ValueError(f"spatial_shapes must hold positive (H_l, W_l), got {shapes}")

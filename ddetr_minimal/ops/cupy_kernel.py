@@ -309,9 +309,8 @@ def _cupy_stream(cupy, stream: "torch.cuda.Stream"):
 def require_gpu(value: torch.Tensor) -> None:
     """Raise :class:`CupyUnavailableError` (what is missing, how to get it) or ``ValueError``
     (CPU tensors) when ``backend="cupy"`` cannot run on ``value``."""
-    problems = missing()
-    if problems:
-        raise CupyUnavailableError("backend='cupy' cannot run here: " + "; ".join(problems))
+    if not is_available():  # cached: no CUDA or package queries per call
+        raise CupyUnavailableError("backend='cupy' cannot run here: " + "; ".join(missing()))
     if not value.is_cuda:
         raise ValueError(
             f"backend='cupy' needs CUDA tensors, but value is on {value.device}; move the inputs with "
