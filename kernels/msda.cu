@@ -113,6 +113,7 @@ template <typename acc_t> struct Bilinear {
   int pos[4];    // row-major position y * W + x inside the level, or -1 outside the map
   acc_t w[4];    // the weights above, in the order top-left, top-right, bottom-left, bottom-right
   acc_t fx, fy;  // fractional parts (the backward pass differentiates the weights by them)
+  int origin;    // yi * W + xi: pos[] are origin + 0, 1, W, W + 1 where inside (see share_point)
 };
 
 template <typename acc_t>
@@ -131,6 +132,7 @@ __device__ __forceinline__ Bilinear<acc_t> bilinear(acc_t loc_x, acc_t loc_y, in
   const bool y0_in = y0 >= 0 && y0 <= H - 1, y1_in = y0 >= -1 && y0 <= H - 2;
   const int xi = (x0_in || x1_in) ? static_cast<int>(x0) : 0;
   const int yi = (y0_in || y1_in) ? static_cast<int>(y0) : 0;
+  b.origin = yi * W + xi;
   b.pos[0] = (y0_in && x0_in) ? yi * W + xi : -1;
   b.pos[1] = (y0_in && x1_in) ? yi * W + xi + 1 : -1;
   b.pos[2] = (y1_in && x0_in) ? (yi + 1) * W + xi : -1;
@@ -207,19 +209,92 @@ __global__ void msda_forward(const scalar_t* __restrict__ value,
 //    read-add-write indivisible. Each lane adds only into its own channels d.
 //  * grad_weights and grad_locations AVOID atomics: each is a sum over the D channels of
 //    one head, and exactly one warp serves that head. Lane k handles channels
-//    d = k, k + 32, k + 64, ... and keeps partial sums in registers; warp_sum adds the 32
-//    partials with register-to-register shuffles, and lane 0 writes each result with a
-//    plain store. (A global atomicAdd per channel would make D threads fight over one address.)
+//    d = k, k + 32, k + 64, ... and keeps partial sums in registers; warp_sum3 adds the 32
+//    partials of all three sums at once with register-to-register shuffles, and three lanes
+//    write the three results with plain stores. (A global atomicAdd per channel would make
+//    D threads fight over one address.)
+//
+// Work done once per warp, not once per lane:
+//  * grad_output[n, q, m, :] is loaded once, before the loop over points: lane k keeps its
+//    channels in registers (up to G_REG of them, so D <= 32 * G_REG; larger D reloads the rest).
+//  * the per-point work -- loading the location and weight, the bilinear weights and the
+//    four positions -- is done for 32 points at a time, lane k taking point lp0 + k (one
+//    coalesced load instead of 32 lanes each loading the same numbers), and handed to
+//    every lane with 5 shuffles (share_point).
 //
 // Requirement: blockDim.x is a multiple of 32, so a warp never straddles two blocks and
-// every lane of a warp takes the same trip through the loops (warp_sum needs all 32).
+// every lane of a warp takes the same trip through the loops (the shuffles need all 32).
 
-// Sum of `v` over the 32 lanes of a warp; the total arrives in lane 0. Each step adds the
-// value held `offset` lanes higher: after offsets 16, 8, 4, 2, 1, lane 0 holds all 32.
-template <typename acc_t> __device__ __forceinline__ acc_t warp_sum(acc_t v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
+// Sum of `v` over the 32 lanes of a warp, for three values at once, in 6 shuffles instead of
+// 3 x 5. Exchange halves: after offset 16 the lanes 0-15 hold partial sums of (a, x) and the
+// lanes 16-31 of (y, unused); after offset 8 each group of 8 lanes holds one of the four;
+// offsets 4, 2, 1 finish each group's sum. The totals arrive in lane 0 (a), lane 8 (x) and
+// lane 16 (y): the function returns the total this lane holds, and which one it is.
+template <typename acc_t> struct Sum3 { acc_t total; int which; };  // which: 0 a, 1 x, 2 y, 3 none
+
+template <typename acc_t>
+__device__ __forceinline__ Sum3<acc_t> warp_sum3(acc_t a, acc_t x, acc_t y, int lane) {
+  const bool high = lane & 16, odd = lane & 8;
+  const acc_t give0 = high ? a : y, give1 = high ? x : acc_t(0);  // what the lane 16 away keeps
+  const acc_t p0 = (high ? y : a) + __shfl_xor_sync(0xffffffffu, give0, 16);
+  const acc_t p1 = (high ? acc_t(0) : x) + __shfl_xor_sync(0xffffffffu, give1, 16);
+  acc_t q = (odd ? p1 : p0) + __shfl_xor_sync(0xffffffffu, odd ? p0 : p1, 8);
+  for (int offset = 4; offset > 0; offset /= 2) q += __shfl_xor_sync(0xffffffffu, q, offset);
+  Sum3<acc_t> r;
+  r.total = q;
+  r.which = (high ? 2 : 0) + (odd ? 1 : 0);
+  return r;
 }
+
+// One point's work, as the lane that computed it hands it to the others.
+template <typename acc_t> struct Point {
+  acc_t a;            // attention weight
+  Bilinear<acc_t> b;  // pos[] is relative to the level, -1 outside the map
+};
+
+// Point `src`'s work, received from lane `src` in 5 shuffles: the weight, the two fractions,
+// the top-left position and which of the four neighbours are inside. Every lane rebuilds the
+// four bilinear weights and positions from those (a few multiplies, cheaper than 6 more
+// shuffles). W is the width of the point's level.
+template <typename acc_t>
+__device__ __forceinline__ Point<acc_t> share_point(const Point<acc_t>& mine, int src, int W) {
+  int inside = 0;
+  for (int c = 0; c < 4; ++c) inside |= (mine.b.pos[c] >= 0 ? 1 : 0) << c;
+  Point<acc_t> p;
+  p.a = __shfl_sync(0xffffffffu, mine.a, src);
+  const acc_t fx = __shfl_sync(0xffffffffu, mine.b.fx, src), fy = __shfl_sync(0xffffffffu, mine.b.fy, src);
+  const int origin = __shfl_sync(0xffffffffu, mine.b.origin, src);
+  inside = __shfl_sync(0xffffffffu, inside, src);
+  p.b.fx = fx;
+  p.b.fy = fy;
+  p.b.origin = origin;
+  p.b.w[0] = (1 - fy) * (1 - fx);
+  p.b.w[1] = (1 - fy) * fx;
+  p.b.w[2] = fy * (1 - fx);
+  p.b.w[3] = fy * fx;
+  const int offset[4] = {0, 1, W, W + 1};
+  for (int c = 0; c < 4; ++c) p.b.pos[c] = (inside >> c & 1) ? origin + offset[c] : -1;
+  return p;
+}
+
+// One channel d of one point: add into grad_value, and into this lane's three partial sums.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void backward_channel(const scalar_t* __restrict__ value, acc_t* __restrict__ grad_value,
+                                                 long long level, long long row, int d, acc_t gd,
+                                                 const Point<acc_t>& p, acc_t& part_a, acc_t& part_x,
+                                                 acc_t& part_y) {
+  typedef Scalar<scalar_t> T;
+  const Bilinear<acc_t>& b = p.b;
+  acc_t v[4];
+  for (int c = 0; c < 4; ++c) v[c] = b.pos[c] >= 0 ? T::load(value[level + b.pos[c] * row + d]) : acc_t(0);
+  part_a += gd * (b.w[0] * v[0] + b.w[1] * v[1] + b.w[2] * v[2] + b.w[3] * v[3]);
+  part_x += gd * ((1 - b.fy) * (v[1] - v[0]) + b.fy * (v[3] - v[2]));
+  part_y += gd * ((1 - b.fx) * (v[2] - v[0]) + b.fx * (v[3] - v[1]));
+  for (int c = 0; c < 4; ++c)
+    if (b.pos[c] >= 0) atomicAdd(&grad_value[level + b.pos[c] * row + d], p.a * b.w[c] * gd);
+}
+
+#define G_REG 4  // channels of grad_output per lane kept in registers (D <= 128 loads it once)
 
 template <typename scalar_t, typename loc_t>
 __global__ void msda_backward(const scalar_t* __restrict__ value,
@@ -239,40 +314,53 @@ __global__ void msda_backward(const scalar_t* __restrict__ value,
   const long long warp = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const long long n_warps = static_cast<long long>(gridDim.x) * blockDim.x / 32;
   const long long total = static_cast<long long>(N) * Lq * M;
+  const int LP = L * P;
   for (long long nqm = warp; nqm < total; nqm += n_warps) {  // same trips for all 32 lanes
     const int m = static_cast<int>(nqm % M);
     const long long n = nqm / (static_cast<long long>(Lq) * M);
-    const loc_t* loc = sampling_locations + nqm * L * P * 2;
-    const loc_t* weight = attention_weights + nqm * L * P;
+    const loc_t* loc = sampling_locations + nqm * LP * 2;
+    const loc_t* weight = attention_weights + nqm * LP;
     const scalar_t* g = grad_output + nqm * D;  // dLoss/dout[n, q, m, :]
     const long long row = static_cast<long long>(M) * D;
     const long long base = n * S * row + m * D;  // offset of [n, 0, m, 0] in value and grad_value
 
-    for (int l = 0; l < L; ++l) {
-      const int H = static_cast<int>(spatial_shapes[2 * l]), W = static_cast<int>(spatial_shapes[2 * l + 1]);
-      const long long level = base + level_start[l] * row;
-      for (int p = 0; p < P; ++p) {
-        const int lp = l * P + p;
-        const acc_t a = TL::load(weight[lp]);
-        const Bilinear<acc_t> b = bilinear<acc_t>(TL::load(loc[2 * lp]), TL::load(loc[2 * lp + 1]), H, W);
+    acc_t g_reg[G_REG];  // this lane's channels of grad_output, loaded once
+    for (int j = 0; j < G_REG; ++j) g_reg[j] = lane + 32 * j < D ? T::load(g[lane + 32 * j]) : acc_t(0);
+
+    for (int lp0 = 0; lp0 < LP; lp0 += 32) {
+      // lane k does the per-point work of point lp0 + k, once for the whole warp
+      Point<acc_t> mine;
+      const int lp_mine = lp0 + lane;
+      if (lp_mine < LP) {
+        const int l = lp_mine / P;
+        const int H = static_cast<int>(spatial_shapes[2 * l]), W = static_cast<int>(spatial_shapes[2 * l + 1]);
+        mine.a = TL::load(weight[lp_mine]);
+        mine.b = bilinear<acc_t>(TL::load(loc[2 * lp_mine]), TL::load(loc[2 * lp_mine + 1]), H, W);
+      } else {
+        mine.a = 0;
+        mine.b = bilinear<acc_t>(acc_t(0), acc_t(0), 1, 1);  // unused; keeps every lane's values defined
+      }
+      const int count = LP - lp0 < 32 ? LP - lp0 : 32;
+      for (int k = 0; k < count; ++k) {  // the same count on every lane
+        const int lp = lp0 + k, l = lp / P;
+        const Point<acc_t> p = share_point(mine, k, static_cast<int>(spatial_shapes[2 * l + 1]));
+        const long long level = base + level_start[l] * row;
         acc_t part_a = 0, part_x = 0, part_y = 0;  // this lane's share of the three sums over d
-        for (int d = lane; d < D; d += 32) {
-          acc_t v[4];
-          for (int c = 0; c < 4; ++c) v[c] = b.pos[c] >= 0 ? T::load(value[level + b.pos[c] * row + d]) : acc_t(0);
-          const acc_t gd = T::load(g[d]);
-          part_a += gd * (b.w[0] * v[0] + b.w[1] * v[1] + b.w[2] * v[2] + b.w[3] * v[3]);
-          part_x += gd * ((1 - b.fy) * (v[1] - v[0]) + b.fy * (v[3] - v[2]));
-          part_y += gd * ((1 - b.fx) * (v[2] - v[0]) + b.fx * (v[3] - v[1]));
-          for (int c = 0; c < 4; ++c)
-            if (b.pos[c] >= 0) atomicAdd(&grad_value[level + b.pos[c] * row + d], a * b.w[c] * gd);
-        }
-        part_a = warp_sum(part_a);
-        part_x = warp_sum(part_x);
-        part_y = warp_sum(part_y);
-        if (lane == 0) {  // the warp owns these three numbers: plain stores, no atomics
-          grad_weights[nqm * L * P + lp] = part_a;
-          grad_locations[(nqm * L * P + lp) * 2] = a * W * part_x;
-          grad_locations[(nqm * L * P + lp) * 2 + 1] = a * H * part_y;
+#pragma unroll
+        for (int j = 0; j < G_REG; ++j)
+          if (lane + 32 * j < D)
+            backward_channel(value, grad_value, level, row, lane + 32 * j, g_reg[j], p, part_a, part_x, part_y);
+        for (int d = lane + 32 * G_REG; d < D; d += 32)  // D > 32 * G_REG: the rest from memory
+          backward_channel(value, grad_value, level, row, d, T::load(g[d]), p, part_a, part_x, part_y);
+        const Sum3<acc_t> sum = warp_sum3(part_a, part_x, part_y, lane);
+        if ((lane & 7) == 0 && sum.which < 3) {  // lanes 0, 8, 16: plain stores, no atomics
+          const long long out = nqm * LP + lp;
+          if (sum.which == 0) {
+            grad_weights[out] = sum.total;
+          } else {
+            const int size = static_cast<int>(spatial_shapes[2 * l + (sum.which == 1 ? 1 : 0)]);  // W for x, H for y
+            grad_locations[out * 2 + sum.which - 1] = p.a * size * sum.total;
+          }
         }
       }
     }
