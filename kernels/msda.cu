@@ -140,6 +140,58 @@ __device__ __forceinline__ Bilinear<acc_t> bilinear(acc_t loc_x, acc_t loc_y, in
   return b;
 }
 
+// One point's work, as the lane that computed it hands it to the others.
+template <typename acc_t> struct Point {
+  acc_t a;            // attention weight
+  Bilinear<acc_t> b;  // pos[] is relative to the level, -1 outside the map
+};
+
+// Point `src`'s work, received from lane `src` in 5 shuffles: the weight, the two fractions,
+// the top-left position and which of the four neighbours are inside. Every lane rebuilds the
+// four bilinear weights and positions from those (a few multiplies, cheaper than 6 more
+// shuffles). W is the width of the point's level.
+template <typename acc_t>
+__device__ __forceinline__ Point<acc_t> share_point(const Point<acc_t>& mine, int src, int W) {
+  int inside = 0;
+  for (int c = 0; c < 4; ++c) inside |= (mine.b.pos[c] >= 0 ? 1 : 0) << c;
+  Point<acc_t> p;
+  p.a = __shfl_sync(0xffffffffu, mine.a, src);
+  const acc_t fx = __shfl_sync(0xffffffffu, mine.b.fx, src), fy = __shfl_sync(0xffffffffu, mine.b.fy, src);
+  const int origin = __shfl_sync(0xffffffffu, mine.b.origin, src);
+  inside = __shfl_sync(0xffffffffu, inside, src);
+  p.b.fx = fx;
+  p.b.fy = fy;
+  p.b.origin = origin;
+  p.b.w[0] = (1 - fy) * (1 - fx);
+  p.b.w[1] = (1 - fy) * fx;
+  p.b.w[2] = fy * (1 - fx);
+  p.b.w[3] = fy * fx;
+  const int offset[4] = {0, 1, W, W + 1};
+  for (int c = 0; c < 4; ++c) p.b.pos[c] = (inside >> c & 1) ? origin + offset[c] : -1;
+  return p;
+}
+
+// The per-point work of point lp of a head, done by the one lane that owns it: load the
+// weight and the location, and set up the bilinear weights. A lane without a point (lp >= L * P)
+// still returns defined values, since it takes part in every shuffle.
+template <typename acc_t, typename loc_t>
+__device__ __forceinline__ Point<acc_t> load_point(const loc_t* __restrict__ loc, const loc_t* __restrict__ weight,
+                                                   const long long* __restrict__ spatial_shapes, int lp, int LP,
+                                                   int P) {
+  typedef Scalar<loc_t> TL;
+  Point<acc_t> mine;
+  if (lp < LP) {
+    const int l = lp / P;
+    const int H = static_cast<int>(spatial_shapes[2 * l]), W = static_cast<int>(spatial_shapes[2 * l + 1]);
+    mine.a = TL::load(weight[lp]);
+    mine.b = bilinear<acc_t>(TL::load(loc[2 * lp]), TL::load(loc[2 * lp + 1]), H, W);
+  } else {
+    mine.a = 0;
+    mine.b = bilinear<acc_t>(acc_t(0), acc_t(0), 1, 1);
+  }
+  return mine;
+}
+
 // ---------------------------------------------------------------------------------------
 // Forward: one thread per output element.
 // ---------------------------------------------------------------------------------------
@@ -149,6 +201,12 @@ __device__ __forceinline__ Bilinear<acc_t> bilinear(acc_t loc_x, acc_t loc_y, in
 // neighbouring channels d, so their reads of value[n, s, m, d] are contiguous (coalesced).
 // The loop is grid-stride: if the grid is smaller than the number of outputs, each
 // thread moves on by (total number of threads) and takes another element.
+//
+// When D is a multiple of 32 (the paper's D = 32 among them), the 32 lanes of every warp
+// serve one (n, q, m), and the grid-stride step (a multiple of 32) keeps it so. The work of
+// each point -- loading its location and weight, setting up its bilinear weights -- is then
+// done once per warp, by one lane, and shared by shuffles (share_point). Otherwise a warp
+// may straddle two heads, and every thread does that work for itself.
 template <typename scalar_t, typename loc_t>
 __global__ void msda_forward(const scalar_t* __restrict__ value,
                              const long long* __restrict__ spatial_shapes,
@@ -162,6 +220,7 @@ __global__ void msda_forward(const scalar_t* __restrict__ value,
   typedef typename T::acc_t acc_t;
   const long long total = static_cast<long long>(N) * Lq * M * D;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  const int lane = threadIdx.x % 32;
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
     const int d = static_cast<int>(i % D);
     const long long nqm = i / D;  // ((n * Lq + q) * M + m): the (query, head) pair this thread serves
@@ -173,16 +232,35 @@ __global__ void msda_forward(const scalar_t* __restrict__ value,
     const scalar_t* v_nm = value + n * S * row + m * D + d;      // &value[n, 0, m, d]
 
     acc_t acc = 0;
-    for (int l = 0; l < L; ++l) {
-      const int H = static_cast<int>(spatial_shapes[2 * l]), W = static_cast<int>(spatial_shapes[2 * l + 1]);
-      const scalar_t* v = v_nm + level_start[l] * row;  // &value[n, level_start[l], m, d]
-      for (int p = 0; p < P; ++p) {
-        const int lp = l * P + p;
-        const Bilinear<acc_t> b = bilinear<acc_t>(TL::load(loc[2 * lp]), TL::load(loc[2 * lp + 1]), H, W);
-        acc_t sample = 0;
-        for (int c = 0; c < 4; ++c)  // outside the map: weight * 0 (NaN stays NaN)
-          sample += b.w[c] * (b.pos[c] >= 0 ? T::load(v[b.pos[c] * row]) : acc_t(0));
-        acc += TL::load(weight[lp]) * sample;
+    if (D % 32 == 0) {
+      // The 32 lanes of this warp serve 32 channels of one (n, q, m): lane k does the
+      // per-point work of point lp0 + k once, and every lane receives it by shuffles.
+      for (int lp0 = 0; lp0 < L * P; lp0 += 32) {
+        const Point<acc_t> mine = load_point<acc_t>(loc, weight, spatial_shapes, lp0 + lane, L * P, P);
+        const int count = L * P - lp0 < 32 ? L * P - lp0 : 32;
+        for (int k = 0; k < count; ++k) {  // the same count on every lane
+          const int l = (lp0 + k) / P;
+          const Point<acc_t> p = share_point(mine, k, static_cast<int>(spatial_shapes[2 * l + 1]));
+          const scalar_t* v = v_nm + level_start[l] * row;  // &value[n, level_start[l], m, d]
+          acc_t sample = 0;
+          for (int c = 0; c < 4; ++c)  // outside the map: weight * 0 (NaN stays NaN)
+            sample += p.b.w[c] * (p.b.pos[c] >= 0 ? T::load(v[p.b.pos[c] * row]) : acc_t(0));
+          acc += p.a * sample;
+        }
+      }
+    } else {
+      // A warp may straddle two (n, q, m): every thread does its own per-point work.
+      for (int l = 0; l < L; ++l) {
+        const int H = static_cast<int>(spatial_shapes[2 * l]), W = static_cast<int>(spatial_shapes[2 * l + 1]);
+        const scalar_t* v = v_nm + level_start[l] * row;  // &value[n, level_start[l], m, d]
+        for (int p = 0; p < P; ++p) {
+          const int lp = l * P + p;
+          const Bilinear<acc_t> b = bilinear<acc_t>(TL::load(loc[2 * lp]), TL::load(loc[2 * lp + 1]), H, W);
+          acc_t sample = 0;
+          for (int c = 0; c < 4; ++c)  // outside the map: weight * 0 (NaN stays NaN)
+            sample += b.w[c] * (b.pos[c] >= 0 ? T::load(v[b.pos[c] * row]) : acc_t(0));
+          acc += TL::load(weight[lp]) * sample;
+        }
       }
     }
     output[i] = T::store(acc);
@@ -246,37 +324,6 @@ __device__ __forceinline__ Sum3<acc_t> warp_sum3(acc_t a, acc_t x, acc_t y, int 
   return r;
 }
 
-// One point's work, as the lane that computed it hands it to the others.
-template <typename acc_t> struct Point {
-  acc_t a;            // attention weight
-  Bilinear<acc_t> b;  // pos[] is relative to the level, -1 outside the map
-};
-
-// Point `src`'s work, received from lane `src` in 5 shuffles: the weight, the two fractions,
-// the top-left position and which of the four neighbours are inside. Every lane rebuilds the
-// four bilinear weights and positions from those (a few multiplies, cheaper than 6 more
-// shuffles). W is the width of the point's level.
-template <typename acc_t>
-__device__ __forceinline__ Point<acc_t> share_point(const Point<acc_t>& mine, int src, int W) {
-  int inside = 0;
-  for (int c = 0; c < 4; ++c) inside |= (mine.b.pos[c] >= 0 ? 1 : 0) << c;
-  Point<acc_t> p;
-  p.a = __shfl_sync(0xffffffffu, mine.a, src);
-  const acc_t fx = __shfl_sync(0xffffffffu, mine.b.fx, src), fy = __shfl_sync(0xffffffffu, mine.b.fy, src);
-  const int origin = __shfl_sync(0xffffffffu, mine.b.origin, src);
-  inside = __shfl_sync(0xffffffffu, inside, src);
-  p.b.fx = fx;
-  p.b.fy = fy;
-  p.b.origin = origin;
-  p.b.w[0] = (1 - fy) * (1 - fx);
-  p.b.w[1] = (1 - fy) * fx;
-  p.b.w[2] = fy * (1 - fx);
-  p.b.w[3] = fy * fx;
-  const int offset[4] = {0, 1, W, W + 1};
-  for (int c = 0; c < 4; ++c) p.b.pos[c] = (inside >> c & 1) ? origin + offset[c] : -1;
-  return p;
-}
-
 // One channel d of one point: add into grad_value, and into this lane's three partial sums.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void backward_channel(const scalar_t* __restrict__ value, acc_t* __restrict__ grad_value,
@@ -308,7 +355,6 @@ __global__ void msda_backward(const scalar_t* __restrict__ value,
                               typename Scalar<scalar_t>::acc_t* __restrict__ grad_weights,
                               int N, int S, int M, int D, int Lq, int L, int P) {
   typedef Scalar<scalar_t> T;
-  typedef Scalar<loc_t> TL;
   typedef typename T::acc_t acc_t;
   const int lane = threadIdx.x % 32;
   const long long warp = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
@@ -329,17 +375,7 @@ __global__ void msda_backward(const scalar_t* __restrict__ value,
 
     for (int lp0 = 0; lp0 < LP; lp0 += 32) {
       // lane k does the per-point work of point lp0 + k, once for the whole warp
-      Point<acc_t> mine;
-      const int lp_mine = lp0 + lane;
-      if (lp_mine < LP) {
-        const int l = lp_mine / P;
-        const int H = static_cast<int>(spatial_shapes[2 * l]), W = static_cast<int>(spatial_shapes[2 * l + 1]);
-        mine.a = TL::load(weight[lp_mine]);
-        mine.b = bilinear<acc_t>(TL::load(loc[2 * lp_mine]), TL::load(loc[2 * lp_mine + 1]), H, W);
-      } else {
-        mine.a = 0;
-        mine.b = bilinear<acc_t>(acc_t(0), acc_t(0), 1, 1);  // unused; keeps every lane's values defined
-      }
+      const Point<acc_t> mine = load_point<acc_t>(loc, weight, spatial_shapes, lp0 + lane, LP, P);
       const int count = LP - lp0 < 32 ? LP - lp0 : 32;
       for (int k = 0; k < count; ++k) {  // the same count on every lane
         const int lp = lp0 + k, l = lp / P;

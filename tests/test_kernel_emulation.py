@@ -106,9 +106,11 @@ def test_random_shapes_match_torch_backend(N, M, D, Lq, shapes, P, seed):
 
 
 @pytest.mark.parametrize("max_blocks", [1, 2])
-def test_grid_stride_loop_covers_everything_with_a_small_grid(max_blocks):
-    # 3*4*2*33 = 792 outputs and 24 warps, but only 256 or 512 threads: each thread loops
-    inputs = make_inputs(3, 2, 33, 4, [(4, 5), (2, 2)], 3)
+@pytest.mark.parametrize("D", [33, 64], ids=["D33-per-thread", "D64-warp-shared"])
+def test_grid_stride_loop_covers_everything_with_a_small_grid(max_blocks, D):
+    # 3*4*2*D = 792 or 1536 outputs and 24 warps, but only 256 or 512 threads: each thread
+    # loops; D = 64 takes the forward's warp-shared path, D = 33 its per-thread one
+    inputs = make_inputs(3, 2, D, 4, [(4, 5), (2, 2)], 3)
     small = output_and_grads(lambda *a: ms_deform_attn_emulated(*a, max_blocks=max_blocks), inputs)
     for name, a, b in zip(NAMES, small, output_and_grads(torch_backend, inputs)):
         assert_close_scaled(a, b, 1e-12, f"max_blocks={max_blocks} {name}")
