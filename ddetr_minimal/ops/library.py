@@ -68,7 +68,8 @@ def _compute_dtype(value: Tensor) -> torch.dtype:
     return torch.float32 if value.dtype in SIXTEEN_BIT else value.dtype
 
 
-def _torch_forward(value, table, loc, weights) -> Tensor:
+def torch_forward(value, table, loc, weights) -> Tensor:
+    """The torch backend on a checked level table: float32 compute for 16-bit values. (N, Lq, M*D)"""
     dtype = _compute_dtype(value)
     with torch.autocast(value.device.type, enabled=False):
         out = ms_deform_attn_torch(value.to(dtype), table.cpu_shapes, table.cpu_starts, loc.to(dtype),
@@ -110,7 +111,7 @@ def _forward_kernel(value, spatial_shapes, level_start_index, sampling_locations
     table = level_table(spatial_shapes, level_start_index, value.shape[1])
     name = resolve(backend, value, sampling_locations.dtype)
     if name == "torch":
-        return _torch_forward(value, table, sampling_locations, attention_weights)
+        return torch_forward(value, table, sampling_locations, attention_weights)
     return cupy_kernel.run_forward(launcher(name), value, spatial_shapes, level_start_index,
                                    sampling_locations, attention_weights,
                                    max_blocks=max_blocks or cupy_kernel.MAX_BLOCKS)

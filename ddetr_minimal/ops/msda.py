@@ -27,8 +27,10 @@ Backends:
   (``torch.use_deterministic_algorithms(True)``) and during CUDA graph capture.
 
 ``"torch"``, ``"cupy"`` and ``"auto"`` run through one custom operator (:mod:`.library`), so
-``torch.compile(fullgraph=True)`` works and the level table is read from the device once per
-tensor, not once per call (:func:`.checks.level_table`).
+``torch.compile(fullgraph=True)`` works; in eager mode the torch backend is called directly
+(its backward then reuses the forward's autograd graph instead of recomputing it). Either
+way the level table is read from the device once per tensor, not once per call
+(:func:`.checks.level_table`).
 
 Precision: with float16 / bfloat16 values, ``sampling_locations`` and ``attention_weights`` may
 (and under autocast should) stay float32 -- a bfloat16 location on a map 167 pixels wide is
@@ -41,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from .checks import SIXTEEN_BIT, check_inputs, level_table
-from .library import ms_deform_attn_op, resolve
+from .library import ms_deform_attn_op, resolve, torch_forward
 from .reference import ms_deform_attn_loop
 
 BACKENDS = ("auto", "loop", "torch", "cupy")
@@ -106,5 +108,10 @@ def ms_deform_attn(
         out = ms_deform_attn_loop(value.to(dtype), table.cpu_shapes, table.cpu_starts,
                                   sampling_locations.to(dtype), attention_weights.to(dtype))
         return out.to(value.dtype)  # (N, Lq, M*D)
+    if not torch.compiler.is_compiling() and resolve(backend, value, sampling_locations.dtype) == "torch":
+        # Eager and on torch: call it directly, so autograd records grid_sample and the
+        # backward does not recompute the forward (the custom op's backward has to).
+        table = level_table(spatial_shapes, level_start_index, value.shape[1])
+        return torch_forward(value, table, sampling_locations, attention_weights)  # (N, Lq, M*D)
     return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations,
                              attention_weights, backend, int(max_blocks))  # (N, Lq, M*D)
