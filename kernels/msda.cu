@@ -216,7 +216,6 @@ __global__ void msda_forward(const scalar_t* __restrict__ value,
                              scalar_t* __restrict__ output,
                              int N, int S, int M, int D, int Lq, int L, int P) {
   typedef Scalar<scalar_t> T;
-  typedef Scalar<loc_t> TL;
   typedef typename T::acc_t acc_t;
   const long long total = static_cast<long long>(N) * Lq * M * D;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
@@ -231,36 +230,21 @@ __global__ void msda_forward(const scalar_t* __restrict__ value,
     const long long row = static_cast<long long>(M) * D;         // distance between positions s and s+1
     const scalar_t* v_nm = value + n * S * row + m * D + d;      // &value[n, 0, m, d]
 
+    // shared: the 32 lanes of this warp serve 32 channels of one (n, q, m) (same for all lanes)
+    const bool shared = D % 32 == 0;
+    const int LP = L * P, step = shared ? 32 : 1;
     acc_t acc = 0;
-    if (D % 32 == 0) {
-      // The 32 lanes of this warp serve 32 channels of one (n, q, m): lane k does the
-      // per-point work of point lp0 + k once, and every lane receives it by shuffles.
-      for (int lp0 = 0; lp0 < L * P; lp0 += 32) {
-        const Point<acc_t> mine = load_point<acc_t>(loc, weight, spatial_shapes, lp0 + lane, L * P, P);
-        const int count = L * P - lp0 < 32 ? L * P - lp0 : 32;
-        for (int k = 0; k < count; ++k) {  // the same count on every lane
-          const int l = (lp0 + k) / P;
-          const Point<acc_t> p = share_point(mine, k, static_cast<int>(spatial_shapes[2 * l + 1]));
-          const scalar_t* v = v_nm + level_start[l] * row;  // &value[n, level_start[l], m, d]
-          acc_t sample = 0;
-          for (int c = 0; c < 4; ++c)  // outside the map: weight * 0 (NaN stays NaN)
-            sample += p.b.w[c] * (p.b.pos[c] >= 0 ? T::load(v[p.b.pos[c] * row]) : acc_t(0));
-          acc += p.a * sample;
-        }
-      }
-    } else {
-      // A warp may straddle two (n, q, m): every thread does its own per-point work.
-      for (int l = 0; l < L; ++l) {
-        const int H = static_cast<int>(spatial_shapes[2 * l]), W = static_cast<int>(spatial_shapes[2 * l + 1]);
+    for (int lp0 = 0; lp0 < LP; lp0 += step) {
+      const Point<acc_t> mine = load_point<acc_t>(loc, weight, spatial_shapes, lp0 + (shared ? lane : 0), LP, P);
+      const int count = LP - lp0 < step ? LP - lp0 : step;
+      for (int k = 0; k < count; ++k) {  // the same count on every lane of a warp
+        const int l = (lp0 + k) / P;
+        const Point<acc_t> p = shared ? share_point(mine, k, static_cast<int>(spatial_shapes[2 * l + 1])) : mine;
         const scalar_t* v = v_nm + level_start[l] * row;  // &value[n, level_start[l], m, d]
-        for (int p = 0; p < P; ++p) {
-          const int lp = l * P + p;
-          const Bilinear<acc_t> b = bilinear<acc_t>(TL::load(loc[2 * lp]), TL::load(loc[2 * lp + 1]), H, W);
-          acc_t sample = 0;
-          for (int c = 0; c < 4; ++c)  // outside the map: weight * 0 (NaN stays NaN)
-            sample += b.w[c] * (b.pos[c] >= 0 ? T::load(v[b.pos[c] * row]) : acc_t(0));
-          acc += TL::load(weight[lp]) * sample;
-        }
+        acc_t sample = 0;
+        for (int c = 0; c < 4; ++c)  // outside the map: weight * 0 (NaN stays NaN)
+          sample += p.b.w[c] * (p.b.pos[c] >= 0 ? T::load(v[p.b.pos[c] * row]) : acc_t(0));
+        acc += p.a * sample;
       }
     }
     output[i] = T::store(acc);
@@ -405,16 +389,11 @@ __global__ void msda_backward(const scalar_t* __restrict__ value,
 
 #ifdef CUDA_HOST_EMULATION
 // CPU build only: make the instantiations callable by name from Python (ctypes).
-EMU_REGISTER_KERNEL(msda_forward<float, float>)
-EMU_REGISTER_KERNEL(msda_forward<double, double>)
-EMU_REGISTER_KERNEL(msda_forward<half_t, half_t>)
-EMU_REGISTER_KERNEL(msda_forward<half_t, float>)
-EMU_REGISTER_KERNEL(msda_forward<bfloat16_t, bfloat16_t>)
-EMU_REGISTER_KERNEL(msda_forward<bfloat16_t, float>)
-EMU_REGISTER_KERNEL(msda_backward<float, float>)
-EMU_REGISTER_KERNEL(msda_backward<double, double>)
-EMU_REGISTER_KERNEL(msda_backward<half_t, half_t>)
-EMU_REGISTER_KERNEL(msda_backward<half_t, float>)
-EMU_REGISTER_KERNEL(msda_backward<bfloat16_t, bfloat16_t>)
-EMU_REGISTER_KERNEL(msda_backward<bfloat16_t, float>)
+#define MSDA_REGISTER(...) EMU_REGISTER_KERNEL(msda_forward<__VA_ARGS__>) EMU_REGISTER_KERNEL(msda_backward<__VA_ARGS__>)
+MSDA_REGISTER(float, float)
+MSDA_REGISTER(double, double)
+MSDA_REGISTER(half_t, half_t)
+MSDA_REGISTER(half_t, float)
+MSDA_REGISTER(bfloat16_t, bfloat16_t)
+MSDA_REGISTER(bfloat16_t, float)
 #endif

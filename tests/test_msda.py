@@ -76,9 +76,9 @@ def test_weights_mix_levels_linearly():
     parts = torch.zeros_like(total)
     for l, (H, W) in enumerate(ss.tolist()):
         start = int(lsi[l])
-        for k in range(loc.shape[4]):
-            read = bilinear_sample(v[:, start:start + H * W], H, W, loc[:, :, :, l, k])  # (N, Lq, M, D)
-            parts += (aw[:, :, :, l, k, None] * read).reshape(parts.shape)
+        for p in range(loc.shape[4]):
+            read = bilinear_sample(v[:, start:start + H * W], H, W, loc[:, :, :, l, p])  # (N, Lq, M, D)
+            parts += (aw[:, :, :, l, p, None] * read).reshape(parts.shape)
     torch.testing.assert_close(total, parts)
 
 

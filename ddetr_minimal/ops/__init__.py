@@ -8,5 +8,6 @@
 * :mod:`.cupy_kernel` -- the CUDA kernel of ``kernels/msda.cu`` through CuPy;
 * :mod:`.selftest` -- does the kernel work on this device? (what ``"auto"`` asks first);
 * :mod:`.cuda_versions` -- does CuPy's CUDA match torch's?;
-* :mod:`.emulation` -- the same kernel source compiled for and run on the CPU.
+* :mod:`.emulation` -- the same kernel source compiled for and run on the CPU;
+* :mod:`.random_inputs` -- random op inputs for tests, chapters and benchmarks.
 """
