@@ -311,3 +311,15 @@ def test_autocast_through_the_whole_detector(dtype):
         assert torch.isfinite(loss) and torch.isfinite(grads).all()
     for name, a, b in zip(("boxes", "logits", "gradients"), *results):
         assert_close_scaled(a, b, 5e-2, f"autocast {dtype} detector {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_rows_take_the_one_channel_loads(dtype):
+    """A value tensor one element into its storage: a two-channel load there would fault."""
+    value, shapes, starts, loc, weights = make_inputs(2, 2, 32, 5, [(4, 5), (2, 2)], 2, dtype=dtype)
+    shifted = torch.empty(value.numel() + 1, dtype=dtype, device=DEVICE)[1:].view(value.shape)
+    shifted.copy_(value)
+    assert shifted.is_contiguous() and shifted.data_ptr() % (2 * shifted.element_size()) != 0
+    for name, a, b in zip(NAMES, output_and_grads("cupy", [shifted, shapes, starts, loc, weights]),
+                          output_and_grads("cupy", [value, shapes, starts, loc, weights])):
+        assert_close_scaled(a, b, 1e-5 if dtype == torch.float32 else 2e-2, f"misaligned {dtype} {name}")

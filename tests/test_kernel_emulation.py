@@ -338,3 +338,18 @@ def test_deterministic_mode_alerts_in_the_kernel_backward():
         output_and_grads(torch_backend, inputs)  # the torch backend on the CPU is fine
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1.6e-2)], ids=["f32", "bf16"])
+def test_misaligned_rows_take_the_one_channel_loads(dtype, tol):
+    """value starting one element into its storage cannot be read two channels per load: the
+    backward falls back to one channel per load, with the same numbers."""
+    value, shapes, starts, loc, weights = make_inputs(2, 2, 32, 3, [(4, 5), (2, 2)], 2, dtype=dtype)
+    shifted = torch.empty(value.numel() + 1, dtype=dtype)[1:].view(value.shape)  # (N, S, M, D), odd offset
+    shifted.copy_(value)
+    assert shifted.is_contiguous() and shifted.data_ptr() % (2 * shifted.element_size()) != 0
+    reference = [t.double() if t.is_floating_point() else t for t in (value, shapes, starts, loc, weights)]
+    want = output_and_grads(torch_backend, reference)
+    for inputs in ((value, shapes, starts, loc, weights), (shifted, shapes, starts, loc, weights)):
+        for name, a, b in zip(NAMES, output_and_grads(ms_deform_attn_emulated, inputs), want):
+            assert_close_scaled(a, b, tol, f"{dtype} offset {inputs[0].storage_offset()} {name}")
