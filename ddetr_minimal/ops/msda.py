@@ -30,7 +30,8 @@ Backends:
 ``torch.compile(fullgraph=True)`` works; in eager mode the torch backend is called directly
 (its backward then reuses the forward's autograd graph instead of recomputing it). Either
 way the level table is read from the device once per tensor, not once per call
-(:func:`.checks.level_table`).
+(:func:`.checks.level_table`); under CUDA graph capture, call the op once before capturing,
+so that this one read (a device-to-host copy) does not happen inside the capture.
 
 Precision: with float16 / bfloat16 values, ``sampling_locations`` and ``attention_weights`` may
 (and under autocast should) stay float32 -- a bfloat16 location on a map 167 pixels wide is
