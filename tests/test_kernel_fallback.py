@@ -59,6 +59,16 @@ def test_the_self_test_passes_and_auto_uses_the_kernel(kernel_on_cpu):
     torch.testing.assert_close(out, ms_deform_attn(*small_inputs(), backend="torch"))
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_the_self_test_passes_under_no_grad_and_inference_mode(kernel_on_cpu, mode):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with getattr(torch, mode)():
+            out = ms_deform_attn(*small_inputs(), backend="auto")  # the first call: the self-test runs here
+    assert "msda_backward<float, float>" in kernel_on_cpu  # the self-test ran (and passed)
+    torch.testing.assert_close(out, ms_deform_attn(*small_inputs(), backend="torch"))
+
+
 def test_a_launch_failure_warns_once_and_auto_uses_torch(kernel_on_cpu, monkeypatch):
     attempts = []
 

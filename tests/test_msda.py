@@ -182,6 +182,21 @@ def test_level_table_is_read_once_per_tensor(monkeypatch):
     torch.testing.assert_close(ms_deform_attn(v, ss, lsi, loc, aw, backend="torch"), first)
 
 
+def test_inference_mode_tensors(monkeypatch):
+    """Tensors made under torch.inference_mode have no version counter: still read once."""
+    from ddetr_minimal.ops import checks
+
+    reads = []
+    real = checks._read_table
+    monkeypatch.setattr(checks, "_read_table", lambda *a: reads.append(1) or real(*a))
+    with torch.inference_mode():
+        v, ss, lsi, loc, aw = make_op_inputs([(4, 5), (2, 3)])
+        outs = [ms_deform_attn(v, ss, lsi, loc, aw, backend=b) for b in ("torch", "torch", "loop", "auto")]
+    assert len(reads) == 1
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0])
+
+
 def test_level_table_forgets_tensors_that_are_gone():
     from ddetr_minimal.ops import checks
 

@@ -165,6 +165,12 @@ def _read_table(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -
     return LevelTable(tuple((h, w) for h, w in shapes), tuple(starts), cpu_shapes, cpu_starts)
 
 
+def _version(t: torch.Tensor) -> int:
+    """The version counter (bumped by in-place edits). Tensors made under ``torch.inference_mode``
+    have none; they cannot be edited outside it, so their table is cached by identity alone."""
+    return -1 if t.is_inference() else t._version
+
+
 def level_table(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int) -> LevelTable:
     """Check the values of the level table against each other and against ``S``; return them.
 
@@ -173,7 +179,7 @@ def level_table(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S
     ``ValueError`` naming the argument, the values given and the values expected.
     """
     key = (id(spatial_shapes), id(level_start_index))
-    versions = (spatial_shapes._version, level_start_index._version)
+    versions = (_version(spatial_shapes), _version(level_start_index))
     with _TABLES_LOCK:
         hit = _TABLES.get(key)
     if hit is not None and hit[0]() is spatial_shapes and hit[1]() is level_start_index and hit[2] == versions:

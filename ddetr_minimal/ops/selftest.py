@@ -47,7 +47,12 @@ def tiny_inputs(device, dtype, loc_dtype):
 
 def self_test(device: torch.device, dtype: torch.dtype, loc_dtype: torch.dtype, launch=None) -> None:
     """Run the kernel's forward and backward once on ``device``; raise on any failure or mismatch."""
-    launch = cupy_kernel.cupy_launch if launch is None else launch
+    # the first call may come under torch.inference_mode (evaluation): the reference needs autograd
+    with torch.inference_mode(False):
+        _self_test(device, dtype, loc_dtype, cupy_kernel.cupy_launch if launch is None else launch)
+
+
+def _self_test(device, dtype, loc_dtype, launch) -> None:
     value, shapes, starts, loc, weights, grad_out = tiny_inputs(device, dtype, loc_dtype)
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         got = (cupy_kernel.run_forward(launch, value, shapes, starts, loc, weights),
