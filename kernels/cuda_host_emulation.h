@@ -268,7 +268,7 @@ inline void __syncthreads() { emu::park(emu::State::AtSync); }
 #define EMU_CAT2(a, b) a##b
 #define EMU_CAT(a, b) EMU_CAT2(a, b)
 #define EMU_REGISTER_KERNEL(...) \
-  static emu::Registration EMU_CAT(emu_registration_, __LINE__)(#__VA_ARGS__, &__VA_ARGS__);
+  static emu::Registration EMU_CAT(emu_registration_, __COUNTER__)(#__VA_ARGS__, &__VA_ARGS__);
 
 // C entry points for ctypes (include this header in ONE translation unit).
 // grid and block hold (x, y, z); args[i] points at the i-th kernel argument.

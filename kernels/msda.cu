@@ -10,17 +10,22 @@
 //   spatial_shapes      (L, 2) int64        (H_l, W_l)
 //   level_start         (L,)   int64
 //   sampling_locations  (N, Lq, M, L, P, 2) normalised (x, y); pixel i has its centre at (i + 0.5) / size
-//   attention_weights   (N, Lq, M, L, P)
+//   attention_weights   (N, Lq, M, L, P)    locations and weights hold loc_t, the others scalar_t
 //   output              (N, Lq, M, D)       the caller views it as (N, Lq, M*D)
 //
-// One source, four element types. `scalar_t` is what the tensors hold: float, double, or
-// one of the two 16-bit types below. `acc_t` is what we add up in: double for double,
-// float for everything else, so float16 and bfloat16 inputs (e.g. under torch.autocast)
-// are accumulated in float32 and only the final result is rounded back to 16 bits.
+// One source, four element types. `scalar_t` is what value (and the output) hold: float,
+// double, or one of the two 16-bit types below. `loc_t` is what sampling_locations and
+// attention_weights hold: scalar_t, or float when scalar_t is 16-bit (a bfloat16 location on a
+// map 167 pixels wide is off by up to a third of a pixel). `acc_t` is what we add up in:
+// double for double, float otherwise; a 16-bit result is rounded once, at the end.
+//
+// Notation: N batch, S flattened positions of all levels, M heads, D channels per head,
+// Lq queries, L levels, P points per head and level, (H_l, W_l) level l's size.
 //
 // The file includes no headers, so NVRTC compiles it on any machine without a CUDA
 // toolkit, and g++ compiles it for the CPU through cuda_host_emulation.h (tests).
-// Python compiles the templates it needs by name: msda_forward<float>, msda_backward<bfloat16_t>, ...
+// Python compiles the templates it needs by name: msda_forward<float, float>,
+// msda_backward<bfloat16_t, float>, ...
 
 // ---------------------------------------------------------------------------------------
 // 16-bit element types: we only need to widen them to float and round float back.
@@ -61,16 +66,10 @@ __device__ __forceinline__ bfloat16_t float_to_bfloat16(float f) {
 }
 
 // Scalar<scalar_t>: the accumulator type and the two conversions, one specialisation per type.
-template <typename scalar_t> struct Scalar;
-template <> struct Scalar<float> {
-  typedef float acc_t;
-  __device__ static float load(float v) { return v; }
-  __device__ static float store(float v) { return v; }
-};
-template <> struct Scalar<double> {
-  typedef double acc_t;
-  __device__ static double load(double v) { return v; }
-  __device__ static double store(double v) { return v; }
+template <typename scalar_t> struct Scalar {  // float and double: no conversion, their own accumulator
+  typedef scalar_t acc_t;
+  __device__ static scalar_t load(scalar_t v) { return v; }
+  __device__ static scalar_t store(scalar_t v) { return v; }
 };
 template <> struct Scalar<half_t> {
   typedef float acc_t;
@@ -98,11 +97,16 @@ template <> struct Scalar<bfloat16_t> {
 //      (x0, y0+1) ----- (x0+1, y0+1)      w[3] = fy * fx               bottom-right
 //
 // The weights sum to 1. A neighbour outside the map reads zero ("zeros" padding), which
-// we express by giving it position -1 so that callers skip it.
+// we express by giving it position -1: callers multiply its weight by zero instead of
+// reading. A NaN (or infinite) location makes fx, fy and all four weights NaN, and
+// NaN * 0 is NaN, so the sample is NaN, as grid_sample gives: a diverging run shows up
+// in the output instead of reading as zeros.
 template <typename acc_t> struct Bilinear {
   int pos[4];    // row-major position y * W + x inside the level, or -1 outside the map
   acc_t w[4];    // the weights above, in the order top-left, top-right, bottom-left, bottom-right
   acc_t fx, fy;  // fractional parts (the backward pass differentiates the weights by them)
+  int origin;    // yi * W + xi: pos[] are origin + 0, 1, W, W + 1 where inside (see share_point)
+  acc_t a;       // the point's attention weight (set by load_point)
 };
 
 template <typename acc_t>
@@ -121,11 +125,51 @@ __device__ __forceinline__ Bilinear<acc_t> bilinear(acc_t loc_x, acc_t loc_y, in
   const bool y0_in = y0 >= 0 && y0 <= H - 1, y1_in = y0 >= -1 && y0 <= H - 2;
   const int xi = (x0_in || x1_in) ? static_cast<int>(x0) : 0;
   const int yi = (y0_in || y1_in) ? static_cast<int>(y0) : 0;
+  b.origin = yi * W + xi;
   b.pos[0] = (y0_in && x0_in) ? yi * W + xi : -1;
   b.pos[1] = (y0_in && x1_in) ? yi * W + xi + 1 : -1;
   b.pos[2] = (y1_in && x0_in) ? (yi + 1) * W + xi : -1;
   b.pos[3] = (y1_in && x1_in) ? (yi + 1) * W + xi + 1 : -1;
   return b;
+}
+
+// The point of lane `src`, received in 5 shuffles: the weight, the two fractions, the top-left
+// position and which neighbours are inside; every lane rebuilds the four weights and positions
+// from those (a few multiplies, cheaper than 6 more shuffles). W: the width of its level.
+template <typename acc_t>
+__device__ __forceinline__ Bilinear<acc_t> share_point(const Bilinear<acc_t>& mine, int src, int W) {
+  int inside = 0;
+  for (int c = 0; c < 4; ++c) inside |= (mine.pos[c] >= 0 ? 1 : 0) << c;
+  Bilinear<acc_t> p;
+  p.a = __shfl_sync(0xffffffffu, mine.a, src);
+  p.fx = __shfl_sync(0xffffffffu, mine.fx, src);
+  p.fy = __shfl_sync(0xffffffffu, mine.fy, src);
+  p.origin = __shfl_sync(0xffffffffu, mine.origin, src);
+  inside = __shfl_sync(0xffffffffu, inside, src);
+  p.w[0] = (1 - p.fy) * (1 - p.fx);
+  p.w[1] = (1 - p.fy) * p.fx;
+  p.w[2] = p.fy * (1 - p.fx);
+  p.w[3] = p.fy * p.fx;
+  const int offset[4] = {0, 1, W, W + 1};
+  for (int c = 0; c < 4; ++c) p.pos[c] = (inside >> c & 1) ? p.origin + offset[c] : -1;
+  return p;
+}
+
+// The work of point lp of a head, done by the lane that owns it: load the weight and the
+// location, set up the bilinear weights. A lane without a point (lp >= L * P) gets defined values.
+template <typename acc_t, typename loc_t>
+__device__ __forceinline__ Bilinear<acc_t> load_point(const loc_t* __restrict__ loc, const loc_t* __restrict__ weight,
+                                                   const long long* __restrict__ spatial_shapes, int lp, int LP,
+                                                   int P) {
+  typedef Scalar<loc_t> TL;
+  const bool have = lp < LP;
+  const int l = have ? lp / P : 0;
+  Bilinear<acc_t> mine = have ? bilinear<acc_t>(TL::load(loc[2 * lp]), TL::load(loc[2 * lp + 1]),
+                                                static_cast<int>(spatial_shapes[2 * l]),
+                                                static_cast<int>(spatial_shapes[2 * l + 1]))
+                              : bilinear<acc_t>(acc_t(0), acc_t(0), 1, 1);
+  mine.a = have ? TL::load(weight[lp]) : acc_t(0);
+  return mine;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -137,39 +181,48 @@ __device__ __forceinline__ Bilinear<acc_t> bilinear(acc_t loc_x, acc_t loc_y, in
 // neighbouring channels d, so their reads of value[n, s, m, d] are contiguous (coalesced).
 // The loop is grid-stride: if the grid is smaller than the number of outputs, each
 // thread moves on by (total number of threads) and takes another element.
-template <typename scalar_t>
+//
+// When D is a multiple of 32 (the paper's D = 32), the 32 lanes of a warp serve one (n, q, m)
+// (the grid-stride step keeps it so): each point's work is then done by one lane and shared by
+// shuffles (load_point, share_point). Otherwise every thread does that work for itself.
+template <typename scalar_t, typename loc_t>
 __global__ void msda_forward(const scalar_t* __restrict__ value,
                              const long long* __restrict__ spatial_shapes,
                              const long long* __restrict__ level_start,
-                             const scalar_t* __restrict__ sampling_locations,
-                             const scalar_t* __restrict__ attention_weights,
+                             const loc_t* __restrict__ sampling_locations,
+                             const loc_t* __restrict__ attention_weights,
                              scalar_t* __restrict__ output,
                              int N, int S, int M, int D, int Lq, int L, int P) {
   typedef Scalar<scalar_t> T;
   typedef typename T::acc_t acc_t;
   const long long total = static_cast<long long>(N) * Lq * M * D;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  const int lane = threadIdx.x % 32;
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
     const int d = static_cast<int>(i % D);
     const long long nqm = i / D;  // ((n * Lq + q) * M + m): the (query, head) pair this thread serves
     const int m = static_cast<int>(nqm % M);
     const long long n = nqm / (static_cast<long long>(Lq) * M);
-    const scalar_t* loc = sampling_locations + nqm * L * P * 2;  // this head's (L, P, 2) block
-    const scalar_t* weight = attention_weights + nqm * L * P;    // this head's (L, P) block
+    const loc_t* loc = sampling_locations + nqm * L * P * 2;  // this head's (L, P, 2) block
+    const loc_t* weight = attention_weights + nqm * L * P;    // this head's (L, P) block
     const long long row = static_cast<long long>(M) * D;         // distance between positions s and s+1
     const scalar_t* v_nm = value + n * S * row + m * D + d;      // &value[n, 0, m, d]
 
+    // shared: the 32 lanes of this warp serve 32 channels of one (n, q, m) (same for all lanes)
+    const bool shared = D % 32 == 0;
+    const int LP = L * P, step = shared ? 32 : 1;
     acc_t acc = 0;
-    for (int l = 0; l < L; ++l) {
-      const int H = static_cast<int>(spatial_shapes[2 * l]), W = static_cast<int>(spatial_shapes[2 * l + 1]);
-      const scalar_t* v = v_nm + level_start[l] * row;  // &value[n, level_start[l], m, d]
-      for (int p = 0; p < P; ++p) {
-        const int lp = l * P + p;
-        const Bilinear<acc_t> b = bilinear<acc_t>(T::load(loc[2 * lp]), T::load(loc[2 * lp + 1]), H, W);
+    for (int lp0 = 0; lp0 < LP; lp0 += step) {
+      const Bilinear<acc_t> mine = load_point<acc_t>(loc, weight, spatial_shapes, lp0 + (shared ? lane : 0), LP, P);
+      const int count = LP - lp0 < step ? LP - lp0 : step;
+      for (int k = 0; k < count; ++k) {  // the same count on every lane of a warp
+        const int l = (lp0 + k) / P;
+        const Bilinear<acc_t> p = shared ? share_point(mine, k, static_cast<int>(spatial_shapes[2 * l + 1])) : mine;
+        const scalar_t* v = v_nm + level_start[l] * row;  // &value[n, level_start[l], m, d]
         acc_t sample = 0;
-        for (int c = 0; c < 4; ++c)
-          if (b.pos[c] >= 0) sample += b.w[c] * T::load(v[b.pos[c] * row]);
-        acc += T::load(weight[lp]) * sample;
+        for (int c = 0; c < 4; ++c)  // outside the map: weight * 0 (NaN stays NaN)
+          sample += p.w[c] * (p.pos[c] >= 0 ? T::load(v[p.pos[c] * row]) : acc_t(0));
+        acc += p.a * sample;
       }
     }
     output[i] = T::store(acc);
@@ -194,28 +247,82 @@ __global__ void msda_forward(const scalar_t* __restrict__ value,
 //  * grad_value NEEDS atomics: many queries (and several points of one query) can pick the
 //    same neighbour pixel, and their threads run at the same time. atomicAdd makes each
 //    read-add-write indivisible. Each lane adds only into its own channels d.
-//  * grad_weights and grad_locations AVOID atomics: each is a sum over the D channels of
-//    one head, and exactly one warp serves that head. Lane k handles channels
-//    d = k, k + 32, k + 64, ... and keeps partial sums in registers; warp_sum adds the 32
-//    partials with register-to-register shuffles, and lane 0 writes each result with a
-//    plain store. (A global atomicAdd per channel would make D threads fight over one address.)
+//  * grad_weights and grad_locations AVOID atomics: each is a sum over the D channels of one
+//    head, and exactly one warp serves that head. Each lane keeps partial sums over its
+//    channels in registers; warp_sum3 adds the 32 partials of all three sums at once with
+//    shuffles, and three lanes write the results with plain stores (a global atomicAdd per
+//    channel would make D threads fight over one address).
 //
-// Requirement: blockDim.x is a multiple of 32, so a warp never straddles two blocks and
-// every lane of a warp takes the same trip through the loops (warp_sum needs all 32).
+// Work done once per warp, not once per lane:
+//  * grad_output[n, q, m, :] is loaded once, before the loop over points: lane k keeps its
+//    channels in registers (up to G_REG of them, so D <= 32 * G_REG; larger D reloads the rest).
+//  * where D is even and the rows are aligned, one load reads two neighbouring channels.
+//  * the per-point work is done for 32 points at a time, lane k taking point lp0 + k (one
+//    coalesced load instead of 32 lanes loading the same numbers), and shared (share_point).
+//
+// Requirement: blockDim.x is a multiple of 32, so a warp never straddles two blocks and all
+// its lanes take the same trips through the loops (the shuffles need all 32).
 
-// Sum of `v` over the 32 lanes of a warp; the total arrives in lane 0. Each step adds the
-// value held `offset` lanes higher: after offsets 16, 8, 4, 2, 1, lane 0 holds all 32.
-template <typename acc_t> __device__ __forceinline__ acc_t warp_sum(acc_t v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
+// Sum of `v` over the 32 lanes of a warp, for three values at once, in 6 shuffles instead of
+// 3 x 5. After offset 16 lanes 0-15 hold partial sums of (a, x), lanes 16-31 of (y, unused);
+// after offset 8 each group of 8 lanes holds one of the four; offsets 4, 2, 1 finish it.
+// Lane 0 ends with a, lane 8 with x, lane 16 with y: `which` says what this lane holds.
+template <typename acc_t> struct Sum3 { acc_t total; int which; };  // which: 0 a, 1 x, 2 y, 3 none
+
+template <typename acc_t>
+__device__ __forceinline__ Sum3<acc_t> warp_sum3(acc_t a, acc_t x, acc_t y, int lane) {
+  const bool high = lane & 16, odd = lane & 8;
+  const acc_t give0 = high ? a : y, give1 = high ? x : acc_t(0);  // what the lane 16 away keeps
+  const acc_t p0 = (high ? y : a) + __shfl_xor_sync(0xffffffffu, give0, 16);
+  const acc_t p1 = (high ? acc_t(0) : x) + __shfl_xor_sync(0xffffffffu, give1, 16);
+  acc_t q = (odd ? p1 : p0) + __shfl_xor_sync(0xffffffffu, odd ? p0 : p1, 8);
+  for (int offset = 4; offset > 0; offset /= 2) q += __shfl_xor_sync(0xffffffffu, q, offset);
+  Sum3<acc_t> r;
+  r.total = q;
+  r.which = (high ? 2 : 0) + (odd ? 1 : 0);
+  return r;
 }
 
-template <typename scalar_t>
+// Two neighbouring channels in one load (vectorised), where rows and pointers allow it.
+template <typename scalar_t> struct alignas(2 * sizeof(scalar_t)) Pair { scalar_t x, y; };
+
+// Channels d[0] and d[1] of one point (skipping one that is >= D): add into grad_value and
+// into this lane's three partial sums. With `pairs`, d[1] = d[0] + 1 and one load reads both.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void backward_channels(const scalar_t* __restrict__ value, acc_t* __restrict__ grad_value,
+                                                  long long level, long long row, const int d[2], const acc_t g[2],
+                                                  int D, bool pairs, const Bilinear<acc_t>& p, acc_t part[3]) {
+  typedef Scalar<scalar_t> T;
+  const Bilinear<acc_t>& b = p;
+  acc_t v[2][4];  // [channel][neighbour]
+  for (int c = 0; c < 4; ++c) {
+    const long long at = level + b.pos[c] * row;
+    if (b.pos[c] >= 0 && pairs && d[0] < D) {
+      const Pair<scalar_t> two = *reinterpret_cast<const Pair<scalar_t>*>(value + at + d[0]);
+      v[0][c] = T::load(two.x);
+      v[1][c] = T::load(two.y);
+    } else {
+      for (int h = 0; h < 2; ++h) v[h][c] = b.pos[c] >= 0 && d[h] < D ? T::load(value[at + d[h]]) : acc_t(0);
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    if (d[h] >= D) continue;
+    part[0] += g[h] * (b.w[0] * v[h][0] + b.w[1] * v[h][1] + b.w[2] * v[h][2] + b.w[3] * v[h][3]);
+    part[1] += g[h] * ((1 - b.fy) * (v[h][1] - v[h][0]) + b.fy * (v[h][3] - v[h][2]));
+    part[2] += g[h] * ((1 - b.fx) * (v[h][2] - v[h][0]) + b.fx * (v[h][3] - v[h][1]));
+    for (int c = 0; c < 4; ++c)
+      if (b.pos[c] >= 0) atomicAdd(&grad_value[level + b.pos[c] * row + d[h]], p.a * b.w[c] * g[h]);
+  }
+}
+
+#define G_REG 4  // channels of grad_output per lane kept in registers (D <= 128 loads it once)
+
+template <typename scalar_t, typename loc_t>
 __global__ void msda_backward(const scalar_t* __restrict__ value,
                               const long long* __restrict__ spatial_shapes,
                               const long long* __restrict__ level_start,
-                              const scalar_t* __restrict__ sampling_locations,
-                              const scalar_t* __restrict__ attention_weights,
+                              const loc_t* __restrict__ sampling_locations,
+                              const loc_t* __restrict__ attention_weights,
                               const scalar_t* __restrict__ grad_output,
                               typename Scalar<scalar_t>::acc_t* __restrict__ grad_value,
                               typename Scalar<scalar_t>::acc_t* __restrict__ grad_locations,
@@ -227,54 +334,67 @@ __global__ void msda_backward(const scalar_t* __restrict__ value,
   const long long warp = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const long long n_warps = static_cast<long long>(gridDim.x) * blockDim.x / 32;
   const long long total = static_cast<long long>(N) * Lq * M;
+  const int LP = L * P;
+  // Pairs of channels per load when D is even and both rows start on a pair boundary
+  // (the same answer for every thread); otherwise one channel per load.
+  const unsigned long long pair_bytes = 2 * sizeof(scalar_t);
+  const bool pairs = D % 2 == 0 && reinterpret_cast<unsigned long long>(value) % pair_bytes == 0 &&
+                     reinterpret_cast<unsigned long long>(grad_output) % pair_bytes == 0 && sizeof(scalar_t) < 8;
   for (long long nqm = warp; nqm < total; nqm += n_warps) {  // same trips for all 32 lanes
     const int m = static_cast<int>(nqm % M);
     const long long n = nqm / (static_cast<long long>(Lq) * M);
-    const scalar_t* loc = sampling_locations + nqm * L * P * 2;
-    const scalar_t* weight = attention_weights + nqm * L * P;
+    const loc_t* loc = sampling_locations + nqm * LP * 2;
+    const loc_t* weight = attention_weights + nqm * LP;
     const scalar_t* g = grad_output + nqm * D;  // dLoss/dout[n, q, m, :]
     const long long row = static_cast<long long>(M) * D;
     const long long base = n * S * row + m * D;  // offset of [n, 0, m, 0] in value and grad_value
 
-    for (int l = 0; l < L; ++l) {
-      const int H = static_cast<int>(spatial_shapes[2 * l]), W = static_cast<int>(spatial_shapes[2 * l + 1]);
-      const long long level = base + level_start[l] * row;
-      for (int p = 0; p < P; ++p) {
-        const int lp = l * P + p;
-        const acc_t a = T::load(weight[lp]);
-        const Bilinear<acc_t> b = bilinear<acc_t>(T::load(loc[2 * lp]), T::load(loc[2 * lp + 1]), H, W);
-        acc_t part_a = 0, part_x = 0, part_y = 0;  // this lane's share of the three sums over d
-        for (int d = lane; d < D; d += 32) {
-          acc_t v[4];
-          for (int c = 0; c < 4; ++c) v[c] = b.pos[c] >= 0 ? T::load(value[level + b.pos[c] * row + d]) : acc_t(0);
-          const acc_t gd = T::load(g[d]);
-          part_a += gd * (b.w[0] * v[0] + b.w[1] * v[1] + b.w[2] * v[2] + b.w[3] * v[3]);
-          part_x += gd * ((1 - b.fy) * (v[1] - v[0]) + b.fy * (v[3] - v[2]));
-          part_y += gd * ((1 - b.fx) * (v[2] - v[0]) + b.fx * (v[3] - v[1]));
-          for (int c = 0; c < 4; ++c)
-            if (b.pos[c] >= 0) atomicAdd(&grad_value[level + b.pos[c] * row + d], a * b.w[c] * gd);
+    // Lane k's channels, two per step of 64: (2k, 2k + 1) with pairs, else (k, k + 32).
+    const int first = pairs ? 2 * lane : lane, second = pairs ? 1 : 32;
+    acc_t g_reg[G_REG];  // this lane's channels of grad_output, loaded once
+    for (int j = 0; j < G_REG; ++j) {
+      const int d = first + 64 * (j / 2) + (j % 2) * second;
+      g_reg[j] = d < D ? T::load(g[d]) : acc_t(0);
+    }
+
+    for (int lp0 = 0; lp0 < LP; lp0 += 32) {
+      // lane k does the per-point work of point lp0 + k, once for the whole warp
+      const Bilinear<acc_t> mine = load_point<acc_t>(loc, weight, spatial_shapes, lp0 + lane, LP, P);
+      const int count = LP - lp0 < 32 ? LP - lp0 : 32;
+      for (int k = 0; k < count; ++k) {  // the same count on every lane
+        const int lp = lp0 + k, l = lp / P;
+        const Bilinear<acc_t> p = share_point(mine, k, static_cast<int>(spatial_shapes[2 * l + 1]));
+        const long long level = base + level_start[l] * row;
+        acc_t part[3] = {0, 0, 0};  // this lane's share of the three sums over d
+#pragma unroll
+        for (int j = 0; j < G_REG / 2; ++j) {
+          const int d[2] = {first + 64 * j, first + 64 * j + second};
+          const acc_t gd[2] = {g_reg[2 * j], g_reg[2 * j + 1]};
+          backward_channels(value, grad_value, level, row, d, gd, D, pairs, p, part);
         }
-        part_a = warp_sum(part_a);
-        part_x = warp_sum(part_x);
-        part_y = warp_sum(part_y);
-        if (lane == 0) {  // the warp owns these three numbers: plain stores, no atomics
-          grad_weights[nqm * L * P + lp] = part_a;
-          grad_locations[(nqm * L * P + lp) * 2] = a * W * part_x;
-          grad_locations[(nqm * L * P + lp) * 2 + 1] = a * H * part_y;
+        for (int d0 = first + 64 * (G_REG / 2); d0 < D; d0 += 64) {  // D > 32 * G_REG: the rest from memory
+          const int d[2] = {d0, d0 + second};
+          const acc_t gd[2] = {T::load(g[d0]), d0 + second < D ? T::load(g[d0 + second]) : acc_t(0)};
+          backward_channels(value, grad_value, level, row, d, gd, D, pairs, p, part);
+        }
+        const Sum3<acc_t> sum = warp_sum3(part[0], part[1], part[2], lane);
+        if ((lane & 7) == 0 && sum.which < 3) {  // lanes 0, 8, 16: plain stores, no atomics
+          const long long out = nqm * LP + lp;
+          if (sum.which == 0) {
+            grad_weights[out] = sum.total;
+          } else {
+            const int size = static_cast<int>(spatial_shapes[2 * l + (sum.which == 1 ? 1 : 0)]);  // W for x, H for y
+            grad_locations[out * 2 + sum.which - 1] = p.a * size * sum.total;
+          }
         }
       }
     }
   }
 }
 
-#ifdef CUDA_HOST_EMULATION
-// CPU build only: make the instantiations callable by name from Python (ctypes).
-EMU_REGISTER_KERNEL(msda_forward<float>)
-EMU_REGISTER_KERNEL(msda_forward<double>)
-EMU_REGISTER_KERNEL(msda_forward<half_t>)
-EMU_REGISTER_KERNEL(msda_forward<bfloat16_t>)
-EMU_REGISTER_KERNEL(msda_backward<float>)
-EMU_REGISTER_KERNEL(msda_backward<double>)
-EMU_REGISTER_KERNEL(msda_backward<half_t>)
-EMU_REGISTER_KERNEL(msda_backward<bfloat16_t>)
+#ifdef CUDA_HOST_EMULATION  // CPU build only: the instantiations, callable by name from Python (ctypes)
+#define MSDA_REGISTER(...) EMU_REGISTER_KERNEL(msda_forward<__VA_ARGS__>) EMU_REGISTER_KERNEL(msda_backward<__VA_ARGS__>)
+MSDA_REGISTER(float, float) MSDA_REGISTER(double, double)
+MSDA_REGISTER(half_t, half_t) MSDA_REGISTER(half_t, float)
+MSDA_REGISTER(bfloat16_t, bfloat16_t) MSDA_REGISTER(bfloat16_t, float)
 #endif

@@ -38,6 +38,15 @@ def test_wrong_rank(index, new, pattern):
         call(args)
 
 
+def test_non_positive_level_size():
+    args = good()
+    args[1] = torch.tensor([[4, 5], [0, 3]])
+    args[2] = torch.tensor([0, 20])
+    args[0] = torch.zeros(2, 20, 2, 4)
+    with pytest.raises(ValueError, match=r"spatial_shapes must hold positive \(H_l, W_l\), got \[\[4, 5\], \[0, 3\]\]"):
+        call(args)
+
+
 def test_S_not_sum_of_HW():
     args = good()
     args[0] = torch.zeros(2, 25, 2, 4)
@@ -95,6 +104,22 @@ def test_mixed_dtypes():
     args = good()
     args[3] = args[3].double()
     with pytest.raises(TypeError, match=r"sampling_locations has dtype torch.float64 but value has dtype torch.float32"):
+        call(args)
+
+
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16])
+def test_float32_locations_are_accepted_only_for_16_bit_values(value_dtype):
+    args = good()
+    args[0] = args[0].to(value_dtype)
+    assert call(args).dtype == value_dtype  # float32 locations and weights with 16-bit values
+    args[4] = args[4].to(value_dtype)
+    with pytest.raises(TypeError, match=rf"attention_weights has dtype {value_dtype} but sampling_locations has "
+                                        r"dtype torch.float32; expected one dtype for both"):
+        call(args)
+    args = good()
+    args[3], args[4] = args[3].to(torch.float16), args[4].to(torch.float16)  # float32 value, 16-bit locations
+    with pytest.raises(TypeError, match=r"sampling_locations has dtype torch.float16 but value has dtype "
+                                        r"torch.float32; expected torch.float32"):
         call(args)
 
 

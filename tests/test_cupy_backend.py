@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddetr_minimal.measure import bench_kernel
-from ddetr_minimal.ops import cupy_kernel
+from ddetr_minimal.ops import cupy_kernel, selftest
 from ddetr_minimal.ops.checks import level_start_index_from_shapes
 from ddetr_minimal.ops.msda import ms_deform_attn, resolve_backend
 
@@ -23,10 +23,15 @@ def small_inputs(device="cpu"):
 
 @pytest.fixture(autouse=True)
 def fresh_availability():
-    """is_available() caches its answer; every test here starts and ends without it."""
+    """is_available(), the self-test and the compiler cache their answers; every test here
+    starts and ends without them."""
     cupy_kernel.is_available.cache_clear()
+    selftest.forget()
+    cupy_kernel._COMPILED.clear()
     yield
     cupy_kernel.is_available.cache_clear()
+    selftest.forget()
+    cupy_kernel._COMPILED.clear()
 
 
 @pytest.fixture
@@ -37,7 +42,7 @@ def without_cupy(monkeypatch):
 
 def test_cupy_backend_without_cupy_says_how_to_install(without_cupy):
     assert cupy_kernel.is_available() is False
-    with pytest.raises(cupy_kernel.CupyUnavailableError, match=r"pip install cupy-cuda12x"):
+    with pytest.raises(cupy_kernel.CupyUnavailableError, match=r"pip install cupy-cuda13x"):
         ms_deform_attn(*small_inputs(), backend="cupy")
 
 
@@ -102,9 +107,14 @@ def test_auto_picks_torch_for_cpu_tensors(monkeypatch):
 
 
 def test_kernel_names_reject_unsupported_dtypes():
-    assert cupy_kernel.kernel_names(torch.float16) == ("msda_forward<half_t>", "msda_backward<half_t>")
+    assert cupy_kernel.kernel_names(torch.float16) == ("msda_forward<half_t, half_t>",
+                                                       "msda_backward<half_t, half_t>")
+    assert cupy_kernel.kernel_names(torch.bfloat16, torch.float32) == ("msda_forward<bfloat16_t, float>",
+                                                                       "msda_backward<bfloat16_t, float>")
     with pytest.raises(TypeError, match="torch.int32"):
         cupy_kernel.kernel_names(torch.int32)
+    with pytest.raises(TypeError, match="value.s dtype torch.float64, got torch.float16"):
+        cupy_kernel.kernel_names(torch.float64, torch.float16)
 
 
 def test_kernel_source_comes_from_the_installed_package():

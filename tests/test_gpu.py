@@ -4,7 +4,11 @@ Tolerances, relative to max(1, largest |reference|) of each compared tensor:
   float64 1e-10 (and gradcheck), float32 1e-5,
   float16 3e-3 and bfloat16 2e-2 (16-bit inputs, float32 accumulation, one final rounding;
   the reference is the torch backend in float64 on the same 16-bit inputs),
-  torch.autocast through MSDeformAttn 3e-2 (the two backends differ in where they round).
+  torch.autocast through MSDeformAttn 3e-2 (the two backends differ in where they round),
+  through the whole detector 5e-2.
+Also here: the self-test, stream hand-off, a current device other than the tensors', the
+grid-stride loops, pixel centres / borders / NaN, Lq=0, a non-contiguous grad_output,
+deterministic mode, opcheck and torch.compile on the kernel.
 """
 import pytest
 import torch
@@ -12,8 +16,12 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False", allow_module_level=True)
 
+import warnings
+
 from ddetr_minimal import MSDeformAttn
-from ddetr_minimal.ops import cupy_kernel  # noqa: E402
+from ddetr_minimal.models.build import build_model
+from ddetr_minimal.training.engine import _to_float
+from ddetr_minimal.ops import cupy_kernel, selftest  # noqa: E402
 from ddetr_minimal.ops.checks import level_start_index_from_shapes
 from ddetr_minimal.ops.msda import ms_deform_attn, resolve_backend  # noqa: E402
 
@@ -37,12 +45,14 @@ def make_inputs(N, M, D, Lq, shapes, P, dtype, seed=0):
             weights.to(DEVICE, dtype)]
 
 
-def output_and_grads(backend, inputs, seed=1):
+def output_and_grads(backend, inputs, seed=1, grad_output=None, **kwargs):
     value, shapes, starts, loc, weights = [t.detach().clone() for t in inputs]
     leaves = [t.requires_grad_(True) for t in (value, loc, weights)]
-    out = ms_deform_attn(value, shapes, starts, loc, weights, backend=backend)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return (out.detach(), *torch.autograd.grad(out, leaves, g.to(out)))
+    out = ms_deform_attn(value, shapes, starts, loc, weights, backend=backend, **kwargs)
+    g = grad_output
+    if g is None:
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out)
+    return (out.detach(), *torch.autograd.grad(out, leaves, g))
 
 
 def assert_close_scaled(actual, expected, tol, what):
@@ -115,7 +125,7 @@ def test_autocast_through_msdeformattn(dtype):
     outs, grads = [], []
     for module in (kernel, reference):
         module.zero_grad()
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast(DEVICE, dtype=dtype):
             out = module(query, ref_points, src, shapes, starts)
         out.float().square().mean().backward()
         outs.append(out.float())
@@ -141,13 +151,175 @@ def test_auto_picks_the_kernel_for_cuda_tensors():
     assert resolve_backend("auto", inputs[0]) == "cupy"
 
 
-def test_compiles_once_per_dtype_and_runs_on_the_current_stream():
+@pytest.mark.parametrize("dtype,loc_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                             (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)])
+def test_self_test_passes_on_this_gpu(dtype, loc_dtype):
+    selftest.forget()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert selftest.kernel_works(torch.device(DEVICE, torch.cuda.current_device()), dtype, loc_dtype)
+
+
+def test_compiles_once_per_dtype(monkeypatch):
     inputs = make_inputs(2, 2, 8, 5, [(4, 3)], 2, dtype=torch.float32)
     ms_deform_attn(*inputs, backend="cupy")
-    before = cupy_kernel._module.cache_info()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        out = ms_deform_attn(*inputs, backend="cupy")
-    stream.synchronize()
-    assert cupy_kernel._module.cache_info().misses == before.misses  # no new compilation
-    torch.testing.assert_close(out, ms_deform_attn(*inputs, backend="torch"))
+    compiles = []
+    real = cupy_kernel._compile_module
+    monkeypatch.setattr(cupy_kernel, "_compile_module", lambda *a: compiles.append(a) or real(*a))
+    output_and_grads("cupy", inputs)
+    assert compiles == []
+
+
+def test_the_kernel_runs_on_the_current_stream_without_waiting():
+    """Inputs are written late on a side stream and the result is checked on that stream: a
+    kernel queued anywhere else would read the NaN placeholder (or race past the copy)."""
+    inputs = make_inputs(2, 4, 32, 64, [(32, 32), (16, 16)], 4, dtype=torch.float32)
+    want = output_and_grads("torch", inputs)
+    ms_deform_attn(*inputs, backend="cupy")  # compile first: host-side work, outside the race
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        staged = [torch.full_like(t, float("nan")) if t.is_floating_point() else t for t in inputs]
+        torch.cuda._sleep(100_000_000)  # keep the side stream busy while the host runs ahead
+        for a, b in zip(staged, inputs):
+            if a.is_floating_point():
+                a.copy_(b)
+        got = output_and_grads("cupy", staged)
+        errors = torch.stack([(a.double() - b.double()).abs().max() for a, b in zip(got, want)])
+    side.synchronize()
+    assert (errors <= 1e-4).all(), errors.tolist()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_device_than_the_current_one():
+    inputs = make_inputs(2, 2, 33, 5, [(6, 5), (3, 3)], 2, dtype=torch.float32)
+    inputs = [t.to("cuda:1") for t in inputs]
+    want = output_and_grads("torch", inputs)
+    with torch.cuda.device(0):
+        got = output_and_grads("cupy", inputs)
+        assert library_resolve_on(inputs[0]) == "cupy"
+    for name, a, b in zip(NAMES, got, want):
+        assert a.device == torch.device("cuda:1"), name
+        assert_close_scaled(a, b, 1e-5, f"cuda:1 from cuda:0 {name}")
+
+
+def library_resolve_on(value):
+    from ddetr_minimal.ops import library
+
+    return library.resolve("auto", value, value.dtype)
+
+
+@pytest.mark.parametrize("max_blocks", [1, 2, 3])
+def test_grid_stride_loops_with_a_small_grid(max_blocks):
+    inputs = make_inputs(3, 4, 40, 70, [(9, 7), (5, 4)], 3, dtype=torch.float64)  # 33600 outputs, 840 warps
+    for name, a, b in zip(NAMES, output_and_grads("cupy", inputs, max_blocks=max_blocks),
+                          output_and_grads("torch", inputs)):
+        assert_close_scaled(a, b, 1e-10, f"max_blocks={max_blocks} {name}")
+
+
+def test_pixel_centres_borders_and_nan():
+    H, W = 3, 4
+    value = torch.arange(1, H * W + 1, dtype=torch.float64).view(1, H * W, 1, 1).repeat(1, 1, 1, 33)
+    points = [((j + 0.5) / W, (i + 0.5) / H) for i in range(H) for j in range(W)]
+    points += [(0.0, 0.5), (1.0, 0.5), (-0.5 / W, 0.5), (1 + 0.5 / W, 0.5), (-1.0, 0.5), (1e30, 0.5),
+               (float("nan"), 0.5), (0.5, float("inf"))]
+    Lq = len(points)
+    shapes = torch.tensor([[H, W]], device=DEVICE)
+    loc = torch.tensor(points, dtype=torch.float64).view(1, Lq, 1, 1, 1, 2)
+    inputs = [value.to(DEVICE), shapes, level_start_index_from_shapes(shapes), loc.to(DEVICE),
+              torch.ones(1, Lq, 1, 1, 1, dtype=torch.float64, device=DEVICE)]
+    got, want = output_and_grads("cupy", inputs), output_and_grads("torch", inputs)
+    assert torch.equal(got[0].isnan(), want[0].isnan()) and got[0][0, -2:].isnan().all()
+    finite = ~want[0].isnan()
+    assert_close_scaled(got[0][finite], want[0][finite], 1e-12, "pixel centres and borders")
+    assert_close_scaled(got[1], want[1], 1e-12, "grad value (NaN points add nothing)")
+
+
+def test_no_queries():
+    inputs = make_inputs(2, 2, 33, 0, [(4, 5)], 2, dtype=torch.float32)
+    for name, a, b in zip(NAMES, output_and_grads("cupy", inputs), output_and_grads("torch", inputs)):
+        assert a.shape == b.shape and (a == 0).all(), name
+
+
+def test_non_contiguous_grad_output():
+    inputs = make_inputs(2, 2, 33, 6, [(4, 5), (2, 2)], 2, dtype=torch.float32)
+    g = torch.randn(2, 66, 6, device=DEVICE).transpose(1, 2)  # (N, Lq, M*D), not contiguous
+    for name, a, b in zip(NAMES, output_and_grads("cupy", inputs, grad_output=g),
+                          output_and_grads("torch", inputs, grad_output=g.contiguous())):
+        assert_close_scaled(a, b, 1e-5, f"non-contiguous grad_output {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_16_bit_values_with_float32_locations(dtype):
+    value, shapes, starts, loc, weights = make_inputs(2, 4, 32, 20, [(12, 167), (6, 84)], 4, dtype=torch.float32)
+    inputs = [value.to(dtype), shapes, starts, loc, weights]
+    reference = [value.to(dtype).float(), shapes, starts, loc, weights]
+    for name, a, b in zip(NAMES, output_and_grads("cupy", inputs), output_and_grads("torch", reference)):
+        assert_close_scaled(a, b, 1e-2, f"{dtype} values, float32 locations: {name}")
+
+
+def test_deterministic_mode():
+    inputs = make_inputs(1, 2, 8, 3, [(4, 3)], 2, dtype=torch.float32)
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert resolve_backend("auto", inputs[0]) == "torch"
+        with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+            output_and_grads("cupy", inputs)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_opcheck_and_torch_compile_on_the_kernel():
+    value, shapes, starts, loc, weights = make_inputs(2, 2, 8, 5, [(4, 3), (2, 2)], 2, dtype=torch.float32)
+    leaves = [t.requires_grad_(True) for t in (value, loc, weights)]
+    torch.library.opcheck(torch.ops.ddetr_minimal.ms_deform_attn.default,
+                          (leaves[0], shapes, starts, leaves[1], leaves[2], "cupy", 0))
+
+    def loss(v, l, a):
+        return ms_deform_attn(v, shapes, starts, l, a, backend="cupy").square().sum()
+
+    got = torch.compile(loss, fullgraph=True)(*leaves)
+    got_grads = torch.autograd.grad(got, leaves)
+    want = loss(*leaves)
+    for a, b in zip((got, *got_grads), (want, *torch.autograd.grad(want, leaves))):
+        assert_close_scaled(a, b, 1e-5, "torch.compile")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_autocast_through_the_whole_detector(dtype):
+    tiny = dict(backbone="small", d_model=64, n_heads=4, enc_layers=2, dec_layers=2, dim_feedforward=128,
+                num_queries=20, dropout=0.0)
+    torch.manual_seed(0)
+    kernel, criterion, _ = build_model(num_classes=5, backend="cupy", **tiny)
+    reference, _, _ = build_model(num_classes=5, backend="torch", **tiny)
+    reference.load_state_dict(kernel.state_dict())
+    images = torch.randn(2, 3, 96, 128, device=DEVICE)
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool, device=DEVICE)
+    mask[1, 64:] = True
+    targets = [{"labels": torch.tensor([1], device=DEVICE), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]], device=DEVICE)}] * 2
+    results = []
+    for model in (kernel.to(DEVICE), reference.to(DEVICE)):
+        model.train()
+        with torch.autocast(DEVICE, dtype=dtype):
+            out = model(images, mask)
+        out = _to_float(out)  # the loss in float32, as the training engine computes it
+        loss = criterion.total_loss(criterion(out, targets))
+        loss.backward()
+        grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+        results.append((out["pred_boxes"].float(), out["pred_logits"].float(), grads))
+        assert torch.isfinite(loss) and torch.isfinite(grads).all()
+    for name, a, b in zip(("boxes", "logits", "gradients"), *results):
+        assert_close_scaled(a, b, 5e-2, f"autocast {dtype} detector {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_rows_take_the_one_channel_loads(dtype):
+    """A value tensor one element into its storage: a two-channel load there would fault."""
+    value, shapes, starts, loc, weights = make_inputs(2, 2, 32, 5, [(4, 5), (2, 2)], 2, dtype=dtype)
+    shifted = torch.empty(value.numel() + 1, dtype=dtype, device=DEVICE)[1:].view(value.shape)
+    shifted.copy_(value)
+    assert shifted.is_contiguous() and shifted.data_ptr() % (2 * shifted.element_size()) != 0
+    for name, a, b in zip(NAMES, output_and_grads("cupy", [shifted, shapes, starts, loc, weights]),
+                          output_and_grads("cupy", [value, shapes, starts, loc, weights])):
+        assert_close_scaled(a, b, 1e-5 if dtype == torch.float32 else 2e-2, f"misaligned {dtype} {name}")

@@ -106,9 +106,11 @@ def test_random_shapes_match_torch_backend(N, M, D, Lq, shapes, P, seed):
 
 
 @pytest.mark.parametrize("max_blocks", [1, 2])
-def test_grid_stride_loop_covers_everything_with_a_small_grid(max_blocks):
-    # 3*4*2*33 = 792 outputs and 24 warps, but only 256 or 512 threads: each thread loops
-    inputs = make_inputs(3, 2, 33, 4, [(4, 5), (2, 2)], 3)
+@pytest.mark.parametrize("D", [33, 64], ids=["D33-per-thread", "D64-warp-shared"])
+def test_grid_stride_loop_covers_everything_with_a_small_grid(max_blocks, D):
+    # 3*4*2*D = 792 or 1536 outputs and 24 warps, but only 256 or 512 threads: each thread
+    # loops; D = 64 takes the forward's warp-shared path, D = 33 its per-thread one
+    inputs = make_inputs(3, 2, D, 4, [(4, 5), (2, 2)], 3)
     small = output_and_grads(lambda *a: ms_deform_attn_emulated(*a, max_blocks=max_blocks), inputs)
     for name, a, b in zip(NAMES, small, output_and_grads(torch_backend, inputs)):
         assert_close_scaled(a, b, 1e-12, f"max_blocks={max_blocks} {name}")
@@ -237,3 +239,117 @@ def test_build_reuses_the_cache_and_rebuilds_when_the_source_changes(header_kern
     edited = tmp_path / source.name
     edited.write_text(source.read_text() + "\n// edited\n")
     assert build(edited) != first
+
+
+# --- item by item: fp32 locations, NaN, borders, Lq = 0, grad_output strides, opcheck -----
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 8e-3), (torch.float16, 1e-3)], ids=["bf16", "f16"])
+def test_16_bit_values_with_float32_locations_match_the_float32_reference(dtype, tol):
+    """16-bit values, float32 locations and weights: the float32 torch backend on the same
+    (rounded) values is the reference; only the final rounding of each result differs."""
+    value, shapes, starts, loc, weights = make_inputs(2, 2, 33, 4, [(5, 167), (3, 84), (1, 1)], 3,
+                                                      dtype=torch.float32)
+    inputs = (value.to(dtype), shapes, starts, loc, weights)
+    got = output_and_grads(ms_deform_attn_emulated, inputs)
+    want = output_and_grads(torch_backend, (value.to(dtype).float(), shapes, starts, loc, weights))
+    for name, a, b, t in zip(NAMES, got, want, (dtype, dtype, torch.float32, torch.float32)):
+        assert a.dtype == t, name
+        assert_close_scaled(a, b, tol, f"{dtype} values, float32 locations: {name}")
+
+
+def test_nan_locations_agree_with_loop_and_torch():
+    inputs = list(make_inputs(2, 2, 5, 3, [(4, 5), (2, 3)], 2))
+    loc = inputs[3].clone()
+    loc[1, 2, 0, 1, 1, 0] = float("nan")  # x of one point
+    loc[0, 1, 1, 0, 0, 1] = float("inf")  # y of another: also no defined sample
+    inputs[3] = loc
+    results = {b: output_and_grads(lambda *a, b=b: ms_deform_attn(*a, backend=b), inputs) for b in ("loop", "torch")}
+    results["kernel"] = output_and_grads(ms_deform_attn_emulated, inputs)
+    bad = torch.zeros(2, 3, 2, dtype=torch.bool)  # (N, Lq, M)
+    bad[1, 2, 0] = bad[0, 1, 1] = True
+    for name, (out, grad_value, grad_loc, grad_weights) in results.items():
+        assert torch.equal(out.view(2, 3, 2, 5).isnan().all(-1), bad), name  # whole head NaN, nothing else
+        assert not out.view(2, 3, 2, 5)[~bad].isnan().any(), name
+        assert torch.isfinite(grad_value).all(), name  # the NaN point adds nothing to grad_value
+        assert torch.equal(grad_weights.isnan().any(-1).any(-1), bad), name
+        assert grad_loc[1, 2, 0, 1, 1].isnan().any() and grad_loc[0, 1, 1, 0, 0].isnan().any(), name
+    for name in ("loop", "kernel"):
+        assert_close_scaled(results[name][1], results["torch"][1], 1e-12, f"{name} grad value")
+
+
+def test_pixel_centres_and_borders():
+    """A pixel centre reads that pixel; half a pixel beyond the border reads half of it;
+    a whole pixel beyond reads zero; the exact borders 0 and 1 read half the border pixel."""
+    H, W = 3, 4
+    value = torch.arange(1, H * W + 1, dtype=torch.float64).view(1, H * W, 1, 1).repeat(1, 1, 1, 33)
+    shapes = torch.tensor([[H, W]])
+    points, expected = [], []
+    for i in range(H):
+        for j in range(W):
+            points.append(((j + 0.5) / W, (i + 0.5) / H))
+            expected.append(i * W + j + 1)
+    row = 1  # middle row: pixels 5, 6, 7, 8
+    y = (row + 0.5) / H
+    for x, e in ((0.0, 0.5 * 5), (1.0, 0.5 * 8), (-0.5 / W, 0.0), (1 + 0.5 / W, 0.0), (-1.0, 0.0), (2.0, 0.0)):
+        points.append((x, y))
+        expected.append(e)
+    Lq = len(points)
+    loc = torch.tensor(points, dtype=torch.float64).view(1, Lq, 1, 1, 1, 2)  # (N, Lq, M, L, P, 2)
+    weights = torch.ones(1, Lq, 1, 1, 1, dtype=torch.float64)  # (N, Lq, M, L, P)
+    for fn in (ms_deform_attn_emulated, torch_backend):
+        out = fn(value, shapes, level_start_index_from_shapes(shapes), loc, weights)  # (1, Lq, 33)
+        torch.testing.assert_close(out[0], torch.tensor(expected, dtype=torch.float64)[:, None].expand(Lq, 33),
+                                   rtol=0, atol=1e-12)
+
+
+def test_no_queries_and_non_contiguous_grad_output():
+    empty = make_inputs(2, 2, 33, 0, [(4, 5)], 2)
+    for name, a, b in zip(NAMES, output_and_grads(ms_deform_attn_emulated, empty),
+                          output_and_grads(torch_backend, empty)):
+        assert a.shape == b.shape and (a == 0).all() and (b == 0).all(), name
+    inputs = make_inputs(2, 2, 33, 4, [(4, 5), (2, 2)], 2)
+    g = torch.randn(2, 66, 4, dtype=torch.float64).transpose(1, 2)  # (N, Lq, M*D), not contiguous
+    assert not g.is_contiguous()
+    for name, a, b in zip(NAMES, output_and_grads(ms_deform_attn_emulated, inputs, g),
+                          output_and_grads(torch_backend, inputs, g.contiguous())):
+        assert_close_scaled(a, b, 1e-12, f"non-contiguous grad_output: {name}")
+
+
+def test_opcheck_on_the_kernel_path():
+    """The custom op, with the kernel's launch code (run on the CPU) behind it."""
+    value, shapes, starts, loc, weights = make_inputs(1, 2, 3, 2, [(3, 4), (1, 2)], 2, dtype=torch.float32)
+    leaves = [t.requires_grad_(True) for t in (value, loc, weights)]
+    torch.library.opcheck(torch.ops.ddetr_minimal.ms_deform_attn.default,
+                          (leaves[0], shapes, starts, leaves[1], leaves[2], "emulation", 1))
+    g = torch.randn(1, 2, 6)
+    torch.library.opcheck(torch.ops.ddetr_minimal.ms_deform_attn_backward.default,
+                          (g, value.detach(), shapes, starts, loc.detach(), weights.detach(), "emulation", 0))
+
+
+def test_deterministic_mode_alerts_in_the_kernel_backward():
+    inputs = make_inputs(1, 1, 4, 2, [(3, 3)], 1)
+    ms_deform_attn_emulated(*inputs)  # the forward is deterministic: no alert
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+            output_and_grads(ms_deform_attn_emulated, inputs)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="does not have a deterministic implementation"):
+            output_and_grads(ms_deform_attn_emulated, inputs)
+        output_and_grads(torch_backend, inputs)  # the torch backend on the CPU is fine
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1.6e-2)], ids=["f32", "bf16"])
+def test_misaligned_rows_take_the_one_channel_loads(dtype, tol):
+    """value starting one element into its storage cannot be read two channels per load: the
+    backward falls back to one channel per load, with the same numbers."""
+    value, shapes, starts, loc, weights = make_inputs(2, 2, 32, 3, [(4, 5), (2, 2)], 2, dtype=dtype)
+    shifted = torch.empty(value.numel() + 1, dtype=dtype)[1:].view(value.shape)  # (N, S, M, D), odd offset
+    shifted.copy_(value)
+    assert shifted.is_contiguous() and shifted.data_ptr() % (2 * shifted.element_size()) != 0
+    reference = [t.double() if t.is_floating_point() else t for t in (value, shapes, starts, loc, weights)]
+    want = output_and_grads(torch_backend, reference)
+    for inputs in ((value, shapes, starts, loc, weights), (shifted, shapes, starts, loc, weights)):
+        for name, a, b in zip(NAMES, output_and_grads(ms_deform_attn_emulated, inputs), want):
+            assert_close_scaled(a, b, tol, f"{dtype} offset {inputs[0].storage_offset()} {name}")

@@ -1,8 +1,11 @@
-"""Compile every instantiation of kernels/msda.cu with NVRTC for Ampere and Hopper, without a GPU.
+"""Compile every instantiation of kernels/msda.cu with NVRTC for Turing to Hopper, without a GPU.
 
 The CPU emulation cannot see code that only the GPU compiles (the half-precision PTX,
 the shuffle and atomic overloads), so a syntax or type error there is caught here, with
-the exact source and options that ``ddetr_minimal.ops.cupy_kernel`` hands to CuPy.
+the exact source and options that ``ddetr_minimal.ops.cupy_kernel`` hands to CuPy, plus the
+options CuPy's RawModule adds to them (``cupy/cuda/compiler.py``: ``-ftz=true``,
+``--device-as-default-execution-space`` and ``-arch=sm_XX`` for the device). sm_75 is
+Colab's T4; sm_80 A100, sm_86 the RTX 30 series, sm_89 L4 and the RTX 40 series, sm_90 H100.
 
 CuPy is in requirements.txt, so if CuPy is installed but NVRTC cannot be loaded these
 tests FAIL; they are skipped only when CuPy itself is not installed.
@@ -13,13 +16,16 @@ import pytest
 import torch
 
 if importlib.util.find_spec("cupy") is None:
-    pytest.skip("CuPy is not installed (pip install cupy-cuda12x): no NVRTC to compile the kernels with",
+    pytest.skip("CuPy is not installed (pip install cupy-cuda13x): no NVRTC to compile the kernels with",
                 allow_module_level=True)
 
 from ddetr_minimal.ops.cupy_kernel import COMPILE_OPTIONS, KERNEL_TYPES, kernel_names, kernel_source  # noqa: E402
 
-ARCHS = ("compute_80", "sm_80", "compute_90", "sm_90")  # PTX and machine code (cubin) for each
-DTYPES = list(KERNEL_TYPES)
+SM = (75, 80, 86, 89, 90)
+ARCHS = tuple(f"{kind}_{sm}" for sm in SM for kind in ("compute", "sm"))  # PTX and machine code (cubin)
+CUPY_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")  # what RawModule adds, besides -arch
+# (value dtype, location dtype): every instantiation that kernel_names can ask for
+DTYPES = [(t, t) for t in KERNEL_TYPES] + [(torch.float16, torch.float32), (torch.bfloat16, torch.float32)]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,7 @@ def compile_kernels(nvrtc, arch, names, source=None):
         for name in names:
             nvrtc.addNameExpression(prog, name)
         try:
-            nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", *COMPILE_OPTIONS])
+            nvrtc.compileProgram(prog, [*COMPILE_OPTIONS, *CUPY_OPTIONS, f"-arch={arch}"])
         except nvrtc.NVRTCError as exc:
             raise AssertionError(f"NVRTC failed for {arch}:\n{nvrtc.getProgramLog(prog)}") from exc
         lowered = [nvrtc.getLoweredName(prog, name) for name in names]
@@ -47,15 +53,15 @@ def compile_kernels(nvrtc, arch, names, source=None):
         nvrtc.destroyProgram(prog)
 
 
-def test_nvrtc_supports_ampere_and_hopper(nvrtc):
+def test_nvrtc_supports_turing_to_hopper(nvrtc):
     archs = nvrtc.getSupportedArchs()
-    assert 80 in archs and 90 in archs, f"NVRTC {nvrtc.getVersion()} supports {archs}"
+    assert set(SM) <= set(archs), f"NVRTC {nvrtc.getVersion()} supports {archs}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_every_instantiation_compiles(nvrtc, arch, dtype):
-    names = kernel_names(dtype)
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+def test_every_instantiation_compiles(nvrtc, arch, dtypes):
+    names = kernel_names(*dtypes)
     lowered, binary, log = compile_kernels(nvrtc, arch, names)
     assert "warning" not in log.lower(), log
     assert len(binary) > 0

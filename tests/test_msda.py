@@ -76,9 +76,9 @@ def test_weights_mix_levels_linearly():
     parts = torch.zeros_like(total)
     for l, (H, W) in enumerate(ss.tolist()):
         start = int(lsi[l])
-        for k in range(loc.shape[4]):
-            read = bilinear_sample(v[:, start:start + H * W], H, W, loc[:, :, :, l, k])  # (N, Lq, M, D)
-            parts += (aw[:, :, :, l, k, None] * read).reshape(parts.shape)
+        for p in range(loc.shape[4]):
+            read = bilinear_sample(v[:, start:start + H * W], H, W, loc[:, :, :, l, p])  # (N, Lq, M, D)
+            parts += (aw[:, :, :, l, p, None] * read).reshape(parts.shape)
     torch.testing.assert_close(total, parts)
 
 
@@ -127,3 +127,137 @@ def test_level_start_index_from_shapes():
     assert level_start_index_from_shapes(ss).tolist() == [0, 20, 26]
     assert level_start_index_from_shapes(ss).dtype == torch.int64
     assert level_start_index_from_shapes(torch.tensor([[7, 9]])).tolist() == [0]  # one level starts at 0
+
+
+# --- the custom op: torch.library, torch.compile, no host sync per call ------------------
+OP = torch.ops.ddetr_minimal.ms_deform_attn.default
+OP_BACKWARD = torch.ops.ddetr_minimal.ms_deform_attn_backward.default
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_forward_and_backward_torch_backend(dtype):
+    v, ss, lsi, loc, aw = make_op_inputs([(4, 5), (2, 3)], N=2, Lq=3, M=2, D=4, P=2, dtype=dtype,
+                                         requires_grad=True)
+    torch.library.opcheck(OP, (v, ss, lsi, loc, aw, "torch", 0))  # raises OpCheckError on a failure
+    g = torch.randn(2, 3, 8, dtype=dtype)
+    torch.library.opcheck(OP_BACKWARD, (g, v.detach(), ss, lsi, loc.detach(), aw.detach(), "torch", 0))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    v, ss, lsi, loc, aw = make_op_inputs([(4, 5), (2, 3)], N=2, Lq=3, M=2, D=4, P=2, dtype=torch.float32,
+                                         requires_grad=True)
+
+    def loss(v, loc, aw):
+        return ms_deform_attn(v, ss, lsi, loc, aw, backend="torch").square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)  # a graph break would raise here
+    got = compiled(v, loc, aw)
+    got_grads = torch.autograd.grad(got, (v, loc, aw))
+    want = loss(v, loc, aw)
+    want_grads = torch.autograd.grad(want, (v, loc, aw))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_level_table_is_read_once_per_tensor(monkeypatch):
+    from ddetr_minimal.ops import checks
+
+    reads = []
+    real = checks._read_table
+    monkeypatch.setattr(checks, "_read_table", lambda *a: reads.append(1) or real(*a))
+    v, ss, lsi, loc, aw = make_op_inputs([(4, 5), (2, 3)])
+    ss, lsi = ss.clone(), lsi.clone()  # tensors no other test has seen
+    first = ms_deform_attn(v, ss, lsi, loc, aw, backend="torch")
+    for _ in range(3):
+        ms_deform_attn(v, ss, lsi, loc, aw, backend="torch")
+    assert len(reads) == 1  # one read (on a GPU: one device-to-host copy) for four calls
+    with pytest.raises(ValueError, match=r"value has S=25 positions"):  # S is still checked per call
+        ms_deform_attn(v[:, :25], ss, lsi, loc, aw, backend="torch")
+    lsi[1] = 19  # an in-place edit bumps the version: read again, and rejected
+    with pytest.raises(ValueError, match=r"level_start_index is \[0, 19\]"):
+        ms_deform_attn(v, ss, lsi, loc, aw, backend="torch")
+    assert len(reads) == 2
+    lsi[1] = 20
+    torch.testing.assert_close(ms_deform_attn(v, ss, lsi, loc, aw, backend="torch"), first)
+
+
+def test_inference_mode_tensors(monkeypatch):
+    """Tensors made under torch.inference_mode have no version counter: still read once."""
+    from ddetr_minimal.ops import checks
+
+    reads = []
+    real = checks._read_table
+    monkeypatch.setattr(checks, "_read_table", lambda *a: reads.append(1) or real(*a))
+    with torch.inference_mode():
+        v, ss, lsi, loc, aw = make_op_inputs([(4, 5), (2, 3)])
+        outs = [ms_deform_attn(v, ss, lsi, loc, aw, backend=b) for b in ("torch", "torch", "loop", "auto")]
+    assert len(reads) == 1
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0])
+
+
+def test_level_table_forgets_tensors_that_are_gone():
+    from ddetr_minimal.ops import checks
+
+    v, ss, lsi, loc, aw = make_op_inputs([(3, 3)])
+    for _ in range(5):
+        ms_deform_attn(v, ss.clone(), lsi.clone(), loc, aw, backend="torch")
+    alive = [entry for entry in checks._TABLES.values() if entry[0]() is not None]
+    assert len(checks._TABLES) - len(alive) <= 1  # dead entries are dropped at the next read
+
+
+# --- 16-bit values with float32 locations and weights ------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_16_bit_values_with_float32_locations_compute_in_float32(backend, dtype):
+    """The result is the float32 computation on the same 16-bit values, rounded once."""
+    v, ss, lsi, loc, aw = make_op_inputs([(6, 167), (3, 84)], N=2, Lq=4, M=2, D=3, P=2, dtype=torch.float32)
+    v16 = v.to(dtype)
+    out = ms_deform_attn(v16, ss, lsi, loc, aw, backend=backend)
+    assert out.dtype == dtype
+    want = ms_deform_attn(v16.float(), ss, lsi, loc, aw, backend=backend).to(dtype)
+    assert torch.equal(out, want)
+    # locations rounded to 16 bits instead: visibly worse on a map 167 pixels wide
+    coarse = ms_deform_attn(v16, ss, lsi, loc.to(dtype), aw.to(dtype), backend=backend).float()
+    exact = ms_deform_attn(v16.float(), ss, lsi, loc, aw, backend=backend)
+    assert (coarse - exact).abs().max() > 2 * (out.float() - exact).abs().max()
+
+
+def test_msdeformattn_keeps_locations_float32_under_autocast(monkeypatch):
+    from ddetr_minimal import MSDeformAttn
+    from ddetr_minimal.models import deformable_attention
+
+    seen = []
+    real = deformable_attention.ms_deform_attn
+    monkeypatch.setattr(deformable_attention, "ms_deform_attn",
+                        lambda *a, **k: seen.append([t.dtype for t in a]) or real(*a, **k))
+    m = MSDeformAttn(16, n_levels=2, n_heads=2, n_points=2, backend="torch")
+    ss = torch.tensor([[4, 5], [2, 3]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(torch.randn(1, 3, 16), torch.rand(1, 3, 2, 2), torch.randn(1, 26, 16), ss,
+                level_start_index_from_shapes(ss))
+    assert seen[0][0] == torch.bfloat16  # value, from the autocast linear layer
+    assert seen[0][3] == torch.float32 and seen[0][4] == torch.float32  # locations, weights
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+# --- NaN locations, Lq = 0 ------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_location_gives_nan_where_it_is_used(backend):
+    v, ss, lsi, loc, aw = make_op_inputs([(4, 5), (2, 3)], N=2, Lq=3, M=2, D=3, P=2)
+    loc = loc.clone()
+    loc[1, 2, 0, 1, 1, 0] = float("nan")  # one point: batch 1, query 2, head 0
+    out = ms_deform_attn(v, ss, lsi, loc, aw, backend=backend).view(2, 3, 2, 3)  # (N, Lq, M, D)
+    nan = torch.zeros(2, 3, 2, 3, dtype=torch.bool)
+    nan[1, 2, 0] = True
+    assert torch.equal(out.isnan(), nan)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_queries(backend):
+    v, ss, lsi, loc, aw = make_op_inputs([(4, 5)], N=2, Lq=0, M=2, D=3, P=2, requires_grad=True)
+    out = ms_deform_attn(v, ss, lsi, loc, aw, backend=backend)
+    assert out.shape == (2, 0, 6)
+    grad_v, = torch.autograd.grad(out.sum(), (v,))
+    assert torch.equal(grad_v, torch.zeros_like(v))

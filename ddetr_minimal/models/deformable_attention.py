@@ -1,8 +1,8 @@
 """``MSDeformAttn``: the multi-scale deformable attention module (paper, Sec. 4.1, Eq. 3).
 
 For each query the module predicts, with two linear layers on the query feature alone,
-``M*L*K`` sampling offsets (2 numbers each) and ``M*L*K`` attention weights (``3MLK``
-output channels in all). The weights of a head are softmax-normalised over its ``L*K``
+``M*L*P`` sampling offsets (2 numbers each) and ``M*L*P`` attention weights (``3MLP``
+output channels in all). The weights of a head are softmax-normalised over its ``L*P``
 samples; the offsets are added to the query's reference point, which is shared by all
 levels because it is normalised to ``[0, 1]``. The sampled values are mixed by the op
 :func:`ddetr_minimal.ops.msda.ms_deform_attn` and projected back to ``d_model``.
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..ops.checks import shape_str
-from ..ops.msda import ms_deform_attn
+from ..ops.msda import ms_deform_attn, sampling_dtype
 
 
 class MSDeformAttn(nn.Module):
@@ -26,7 +26,7 @@ class MSDeformAttn(nn.Module):
         d_model: channels C of queries and values.
         n_levels: feature levels L (``n_levels=1`` is single-scale deformable attention).
         n_heads: attention heads M; ``d_model`` must be divisible by it.
-        n_points: sampling points K per head per level.
+        n_points: sampling points P per head per level.
         backend: op backend, see :func:`ddetr_minimal.ops.msda.ms_deform_attn`.
     """
 
@@ -43,7 +43,7 @@ class MSDeformAttn(nn.Module):
             )
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
         self.backend = backend
-        # 2MLK offsets and MLK weights: 3MLK output channels predicted from the query
+        # 2MLP offsets and MLP weights: 3MLP output channels predicted from the query
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)  # W'_m for all heads at once
@@ -56,18 +56,18 @@ class MSDeformAttn(nn.Module):
 
         Offset and weight projections start at zero weight, so at initialisation every query
         samples the same pattern around its reference point: head m looks in direction
-        ``2*pi*m/M``, and point k sits ``k+1`` pixels out along it (a ring of rays), while
-        the attention weights are uniform over the ``L*K`` samples.
+        ``2*pi*m/M``, and point p sits ``p+1`` pixels out along it (a ring of rays), while
+        the attention weights are uniform over the ``L*P`` samples.
         """
-        M, L, K = self.n_heads, self.n_levels, self.n_points
+        M, L, P = self.n_heads, self.n_levels, self.n_points
         nn.init.zeros_(self.sampling_offsets.weight)
         theta = torch.arange(M, dtype=torch.float32) * (2.0 * math.pi / M)  # (M,)
         direction = torch.stack([theta.cos(), theta.sin()], -1)  # (M, 2)
         # scale each direction so its larger component is 1: the first ring touches the
         # 8-neighbourhood of the reference pixel
         direction = direction / direction.abs().max(-1, keepdim=True).values  # (M, 2)
-        bias = direction.view(M, 1, 1, 2).repeat(1, L, K, 1)  # (M, L, K, 2)
-        bias = bias * torch.arange(1, K + 1, dtype=torch.float32).view(1, 1, K, 1)  # (M, L, K, 2)
+        bias = direction.view(M, 1, 1, 2).repeat(1, L, P, 1)  # (M, L, P, 2)
+        bias = bias * torch.arange(1, P + 1, dtype=torch.float32).view(1, 1, P, 1)  # (M, L, P, 2)
         self.sampling_offsets.bias.copy_(bias.flatten())
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
@@ -82,21 +82,21 @@ class MSDeformAttn(nn.Module):
 
         query: (N, Lq, C); reference_points: (N, Lq, L, 2) as normalised (x, y) or
         (N, Lq, L, 4) as normalised boxes (cx, cy, w, h); spatial_shapes: (L, 2) as (H, W).
-        Returns locations (N, Lq, M, L, K, 2) and weights (N, Lq, M, L, K).
+        Returns locations (N, Lq, M, L, P, 2) and weights (N, Lq, M, L, P).
         """
         N, Lq, _ = query.shape
-        M, L, K = self.n_heads, self.n_levels, self.n_points
-        offsets = self.sampling_offsets(query).view(N, Lq, M, L, K, 2)  # (N, Lq, M, L, K, 2)
-        weights = self.attention_weights(query).view(N, Lq, M, L * K)  # (N, Lq, M, L*K)
-        weights = weights.softmax(-1).view(N, Lq, M, L, K)  # (N, Lq, M, L, K)
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)  # (N, Lq, M, L, P, 2)
+        weights = self.attention_weights(query).view(N, Lq, M, L * P)  # (N, Lq, M, L*P)
+        weights = weights.softmax(-1).view(N, Lq, M, L, P)  # (N, Lq, M, L, P)
         ref = reference_points[:, :, None, :, None, :]  # (N, Lq, 1, L, 1, 2|4)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide by (W_l, H_l) to normalise
             normaliser = spatial_shapes.flip(-1).to(query.dtype)  # (L, 2) as (W, H)
             locations = ref + offsets / normaliser[None, None, None, :, None, :]
         else:
-            # box reference: offsets are relative to the box size, at most half of it per K
-            locations = ref[..., :2] + offsets / K * ref[..., 2:] * 0.5
+            # box reference: offsets are relative to the box size, at most half of it per P
+            locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
         return locations, weights
 
     def _check(self, query, reference_points, input_flatten, spatial_shapes, padding_mask):
@@ -139,6 +139,9 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(input_padding_mask[..., None], 0.0)  # padded values read zero
         value = value.view(N, S, M, C // M)  # (N, S, M, D)
         locations, weights = self.sampling(query, reference_points, input_spatial_shapes)
+        # Locations and weights stay float32 when value is 16-bit (autocast): a bfloat16 location
+        # on a map 167 pixels wide would be off by up to a third of a pixel.
+        dtype = sampling_dtype(value.dtype)
         out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
-                             locations.to(value.dtype), weights.to(value.dtype), backend=self.backend)  # (N, Lq, C)
+                             locations.to(dtype), weights.to(dtype), backend=self.backend)  # (N, Lq, C)
         return self.output_proj(out)  # (N, Lq, C)

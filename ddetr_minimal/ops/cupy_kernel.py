@@ -1,23 +1,27 @@
-"""The CUDA kernel of ``kernels/msda.cu`` as a PyTorch op, compiled at run time by CuPy.
+"""The CUDA kernel of ``kernels/msda.cu``: its source, its launches, and CuPy underneath.
+
+Notation as in :mod:`ddetr_minimal.ops.msda` (N batch, S positions, M heads, D channels per
+head, Lq queries, L levels, P points per head and level).
 
 How a call travels:
 
-1. :func:`ms_deform_attn_cupy` checks that CuPy and a GPU are there, then calls
-   :class:`KernelMSDA` (a ``torch.autograd.Function``).
-2. ``KernelMSDA.forward`` makes the inputs contiguous (a no-op when they already are),
+1. The op ``torch.ops.ddetr_minimal.ms_deform_attn`` (:mod:`.library`) picks the backend;
+   for the kernel it calls :func:`run_forward` with a *launcher* -- a function
+   ``launch(kernel_name, grid, block, args)`` -- and, in the backward, :func:`run_backward`.
+2. :func:`run_forward` makes the inputs contiguous (a no-op when they already are),
    allocates the output with PyTorch and hands the kernel raw device pointers: no copy,
-   no conversion to CuPy arrays. The kernel runs on PyTorch's current CUDA stream, so it
-   is ordered with the surrounding PyTorch work like any PyTorch op.
-3. ``KernelMSDA.backward`` launches the backward kernel, which writes the gradients of
-   value, sampling locations and attention weights in the accumulator type (float32 for
-   float16 / bfloat16, float64 for float64) and casts them back to the input dtype.
+   no conversion to CuPy arrays. :func:`cupy_launch` runs the kernel on PyTorch's current
+   CUDA stream of the tensors' device, so it is ordered with the surrounding PyTorch work.
+3. :func:`run_backward` writes the gradients of value, sampling locations and attention
+   weights in the accumulator type (float32 for float16 / bfloat16, float64 for float64)
+   and casts them back to the inputs' dtypes.
 
 The source is found by :func:`kernels_dir` (installed or copied layout) and compiled
-with NVRTC once per dtype and device; CuPy also keeps the binary in its on-disk cache.
+with NVRTC once per (dtype, device) by :func:`compiled`, which also remembers a failed
+compilation with its NVRTC log, so a broken setup is reported once, not recompiled per call.
 
 The launch logic (argument order, grid sizes, output allocation) does not depend on
-CuPy: a *launcher* -- a function ``launch(kernel_name, grid, block, args)`` -- is passed
-in. :mod:`ddetr_minimal.ops.emulation` passes one that runs the same kernels on the
+CuPy: :mod:`ddetr_minimal.ops.emulation` passes a launcher that runs the same kernels on the
 CPU, which is how the tests check this file without a GPU.
 
 CuPy is imported lazily, so ``import ddetr_minimal`` never needs it.
@@ -25,25 +29,23 @@ CuPy is imported lazily, so ``import ddetr_minimal`` never needs it.
 from __future__ import annotations
 
 import functools
+import threading
+import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .checks import check_inputs
+from . import cuda_versions
 
 KERNEL_FILE = "msda.cu"
 THREADS_PER_BLOCK = 256  # a multiple of 32: the backward kernel gives each warp one head
 WARP_SIZE = 32
 MAX_BLOCKS = 65535  # the kernels loop grid-stride, so a capped grid still covers everything
-COMPILE_OPTIONS = ("-std=c++17",)
-INSTALL_HINT = (
-    "install CuPy for your CUDA version, e.g. `pip install cupy-cuda12x` (CUDA 12) or "
-    "`pip install cupy-cuda13x` (CUDA 13)"
-)
+COMPILE_OPTIONS = ("-std=c++17",)  # CuPy's RawModule adds -ftz=true and the -arch of the device
+INSTALL_HINT = cuda_versions.INSTALL_HINT
 
-# torch dtype -> (C++ type in msda.cu, dtype the kernel accumulates and writes gradients in)
+# value dtype -> (C++ type in msda.cu, dtype the kernel accumulates and writes gradients in)
 KERNEL_TYPES: Dict[torch.dtype, Tuple[str, torch.dtype]] = {
     torch.float32: ("float", torch.float32),
     torch.float64: ("double", torch.float64),
@@ -57,6 +59,10 @@ Launcher = Callable[[str, int, int, List[KernelArg]], None]
 
 class CupyUnavailableError(RuntimeError):
     """``backend="cupy"`` was asked for but CuPy or a CUDA GPU is missing."""
+
+
+class CupyKernelError(RuntimeError):
+    """The kernel could not be compiled or loaded for this device (the message holds NVRTC's log)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -86,18 +92,25 @@ def kernel_source() -> str:
     return (kernels_dir() / KERNEL_FILE).read_text()
 
 
-def kernel_names(dtype: torch.dtype) -> Tuple[str, str]:
-    """Names of the forward and backward template instantiations for ``dtype``.
+def kernel_names(dtype: torch.dtype, loc_dtype: torch.dtype = None) -> Tuple[str, str]:
+    """Names of the forward and backward template instantiations for value dtype ``dtype``
+    and location/weight dtype ``loc_dtype`` (default: ``dtype``).
 
-    >>> kernel_names(torch.bfloat16)
-    ('msda_forward<bfloat16_t>', 'msda_backward<bfloat16_t>')
+    >>> kernel_names(torch.bfloat16, torch.float32)
+    ('msda_forward<bfloat16_t, float>', 'msda_backward<bfloat16_t, float>')
     """
+    loc_dtype = dtype if loc_dtype is None else loc_dtype
     if dtype not in KERNEL_TYPES:
         raise TypeError(
             f"the kernel supports value dtypes {sorted(str(t) for t in KERNEL_TYPES)}, got {dtype}"
         )
-    ctype = KERNEL_TYPES[dtype][0]
-    return f"msda_forward<{ctype}>", f"msda_backward<{ctype}>"
+    if loc_dtype != dtype and not (KERNEL_TYPES[dtype][1] == torch.float32 and loc_dtype == torch.float32):
+        raise TypeError(
+            f"the kernel takes sampling_locations and attention_weights of value's dtype {dtype}"
+            f"{' or torch.float32' if KERNEL_TYPES[dtype][1] == torch.float32 else ''}, got {loc_dtype}"
+        )
+    types = f"{KERNEL_TYPES[dtype][0]}, {KERNEL_TYPES[loc_dtype][0]}"
+    return f"msda_forward<{types}>", f"msda_backward<{types}>"
 
 
 def grid_size(threads: int, max_blocks: int = MAX_BLOCKS) -> int:
@@ -111,49 +124,6 @@ def _sizes(value: torch.Tensor, sampling_locations: torch.Tensor) -> List[int]:
     return [N, S, M, D, Lq, L, P]
 
 
-def run_forward(launch: Launcher, value, spatial_shapes, level_start_index, sampling_locations,
-                attention_weights, max_blocks: int = MAX_BLOCKS) -> torch.Tensor:
-    """Launch the forward kernel, one thread per output element. Returns (N, Lq, M*D).
-
-    Inputs must already be contiguous, shapes int64 (see :func:`prepare_inputs`).
-    """
-    N, S, M, D, Lq, L, P = _sizes(value, sampling_locations)
-    output = value.new_empty(N, Lq, M, D)  # (N, Lq, M, D)
-    threads = N * Lq * M * D
-    if threads > 0:
-        launch(kernel_names(value.dtype)[0], grid_size(threads, max_blocks), THREADS_PER_BLOCK,
-               [value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                output, N, S, M, D, Lq, L, P])
-    return output.view(N, Lq, M * D)  # (N, Lq, M*D)
-
-
-def run_backward(launch: Launcher, grad_output, value, spatial_shapes, level_start_index,
-                 sampling_locations, attention_weights, max_blocks: int = MAX_BLOCKS):
-    """Launch the backward kernel, one warp per (batch, query, head).
-
-    ``grad_output`` is (N, Lq, M*D). Returns the gradients of value (N, S, M, D), sampling
-    locations (N, Lq, M, L, P, 2) and attention weights (N, Lq, M, L, P), in value's dtype.
-    """
-    N, S, M, D, Lq, L, P = _sizes(value, sampling_locations)
-    acc = KERNEL_TYPES[value.dtype][1]
-    grad_output = grad_output.contiguous()  # (N, Lq, M*D)
-    # grad_value is accumulated with atomicAdd, so it starts at zero; the other two are
-    # written exactly once per element by lane 0 of the owning warp.
-    grad_value = torch.zeros(value.shape, dtype=acc, device=value.device)  # (N, S, M, D)
-    grad_loc = torch.empty(sampling_locations.shape, dtype=acc, device=value.device)  # (N, Lq, M, L, P, 2)
-    grad_attn = torch.empty(attention_weights.shape, dtype=acc, device=value.device)  # (N, Lq, M, L, P)
-    warps = N * Lq * M
-    if warps > 0:
-        launch(kernel_names(value.dtype)[1], grid_size(warps * WARP_SIZE, max_blocks), THREADS_PER_BLOCK,
-               [value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                grad_output, grad_value, grad_loc, grad_attn, N, S, M, D, Lq, L, P])
-    else:
-        grad_loc.zero_()
-        grad_attn.zero_()
-    dtype = value.dtype
-    return grad_value.to(dtype), grad_loc.to(dtype), grad_attn.to(dtype)
-
-
 def prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Contiguous tensors and int64 shapes, as the kernel indexes them. Copies only if needed."""
     return (
@@ -165,23 +135,68 @@ def prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations,
     )
 
 
-class KernelMSDA(torch.autograd.Function):
-    """Autograd wrapper around the two kernels; ``launch`` decides where they run."""
+def run_forward(launch: Launcher, value, spatial_shapes, level_start_index, sampling_locations,
+                attention_weights, max_blocks: int = MAX_BLOCKS) -> torch.Tensor:
+    """Launch the forward kernel, one thread per output element. Returns (N, Lq, M*D)."""
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = prepare_inputs(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    N, S, M, D, Lq, L, P = _sizes(value, sampling_locations)
+    output = value.new_empty(N, Lq, M, D)  # (N, Lq, M, D)
+    threads = N * Lq * M * D
+    if threads > 0:
+        launch(kernel_names(value.dtype, sampling_locations.dtype)[0], grid_size(threads, max_blocks),
+               THREADS_PER_BLOCK, [value, spatial_shapes, level_start_index, sampling_locations,
+                                   attention_weights, output, N, S, M, D, Lq, L, P])
+    return output.view(N, Lq, M * D)  # (N, Lq, M*D)
 
-    @staticmethod
-    def forward(ctx, launch: Launcher, max_blocks: int, value, spatial_shapes, level_start_index,
-                sampling_locations, attention_weights):
-        inputs = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        ctx.launch, ctx.max_blocks = launch, max_blocks
-        ctx.save_for_backward(*inputs)
-        return run_forward(launch, *inputs, max_blocks=max_blocks)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        grad_value, grad_loc, grad_attn = run_backward(ctx.launch, grad_output, *ctx.saved_tensors,
-                                                       max_blocks=ctx.max_blocks)
-        return None, None, grad_value, None, None, grad_loc, grad_attn
+def alert_not_deterministic(what: str) -> None:
+    """Do what PyTorch's own nondeterministic ops do under ``torch.use_deterministic_algorithms``:
+    raise ``RuntimeError``, or warn once per call site when ``warn_only=True``."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        f"{what} does not have a deterministic implementation (it adds into grad_value with "
+        "atomicAdd, in an order that changes from run to run), but you set "
+        "'torch.use_deterministic_algorithms(True)'. Use backend='torch' or backend='auto' (which "
+        "picks it in deterministic mode), or pass warn_only=True to use_deterministic_algorithms."
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(message)
+
+
+def run_backward(launch: Launcher, grad_output, value, spatial_shapes, level_start_index,
+                 sampling_locations, attention_weights, max_blocks: int = MAX_BLOCKS):
+    """Launch the backward kernel, one warp per (n, q, m).
+
+    ``grad_output`` is (N, Lq, M*D), any strides. Returns the gradients of value (N, S, M, D),
+    sampling locations (N, Lq, M, L, P, 2) and attention weights (N, Lq, M, L, P), each in the
+    dtype of its input.
+    """
+    alert_not_deterministic("ms_deform_attn's backward on the CUDA kernel (backend='cupy')")
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = prepare_inputs(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    N, S, M, D, Lq, L, P = _sizes(value, sampling_locations)
+    acc = KERNEL_TYPES[value.dtype][1]
+    grad_output = grad_output.to(value.dtype).contiguous()  # (N, Lq, M*D)
+    # grad_value is accumulated with atomicAdd, so it starts at zero; the other two are
+    # written exactly once per element by lane 0 of the owning warp.
+    grad_value = torch.zeros(value.shape, dtype=acc, device=value.device)  # (N, S, M, D)
+    grad_loc = torch.empty(sampling_locations.shape, dtype=acc, device=value.device)  # (N, Lq, M, L, P, 2)
+    grad_attn = torch.empty(attention_weights.shape, dtype=acc, device=value.device)  # (N, Lq, M, L, P)
+    warps = N * Lq * M
+    if warps > 0:
+        launch(kernel_names(value.dtype, sampling_locations.dtype)[1],
+               grid_size(warps * WARP_SIZE, max_blocks), THREADS_PER_BLOCK,
+               [value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                grad_output, grad_value, grad_loc, grad_attn, N, S, M, D, Lq, L, P])
+    else:
+        grad_loc.zero_()
+        grad_attn.zero_()
+    return (grad_value.to(value.dtype), grad_loc.to(sampling_locations.dtype),
+            grad_attn.to(attention_weights.dtype))
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,6 +226,9 @@ def missing() -> List[str]:
             "NVIDIA GPU, or use backend='torch', which runs anywhere"
         )
     elif cupy is not None:
+        mismatch = cuda_versions.mismatch()
+        if mismatch:
+            problems.append(mismatch)
         try:
             if cupy.cuda.runtime.getDeviceCount() < 1:
                 problems.append("CuPy sees no CUDA device")
@@ -221,35 +239,62 @@ def missing() -> List[str]:
 
 @functools.lru_cache(maxsize=1)
 def is_available() -> bool:
-    """True when CuPy imports AND a CUDA device is usable, so ``backend="cupy"`` can run.
+    """True when CuPy imports, matches torch's CUDA and sees a device, so ``backend="cupy"`` can
+    try to run (whether the kernel compiles and works is what the self-test of "auto" finds out).
 
     Never raises; the answer is cached for the life of the process.
     """
     return not missing()
 
 
-@functools.lru_cache(maxsize=None)
-def _module(dtype: torch.dtype, device_index: int):
-    """The compiled kernels for one dtype on one device (compiled on first use, then cached)."""
+_COMPILED: Dict[tuple, object] = {}  # (dtype, loc dtype, device index) -> kernels or CupyKernelError
+_COMPILE_LOCK = threading.Lock()
+
+
+def _compile_module(names: Sequence[str], device_index: int) -> Dict[str, object]:
+    """Compile the kernels ``names`` with NVRTC for the device ``device_index`` (raises on failure)."""
     cupy = _import_cupy()
     with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS,
-                                name_expressions=list(kernel_names(dtype)))
-        return {name: module.get_function(name) for name in kernel_names(dtype)}
+        module = cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS, name_expressions=list(names))
+        return {name: module.get_function(name) for name in names}
 
 
-def _cupy_launch(name: str, grid: int, block: int, args: Sequence[KernelArg]) -> None:
+def compiled(dtype: torch.dtype, loc_dtype: torch.dtype, device_index) -> Dict[str, object]:
+    """The compiled forward and backward kernels for one dtype pair on one device.
+
+    Compiled on first use; the kernels -- or the failure, as a :class:`CupyKernelError` holding
+    NVRTC's log and the fix -- are cached, so a failure is raised again without recompiling.
+    """
+    key = (dtype, loc_dtype, device_index)
+    with _COMPILE_LOCK:
+        if key not in _COMPILED:
+            names = kernel_names(dtype, loc_dtype)
+            try:
+                _COMPILED[key] = _compile_module(names, device_index)
+            except Exception as exc:  # CompileException (NVRTC log), CUDADriverError, ImportError, ...
+                log = exc.get_message() if hasattr(exc, "get_message") else str(exc)
+                _COMPILED[key] = CupyKernelError(
+                    f"compiling {', '.join(names)} for cuda:{device_index} failed "
+                    f"({type(exc).__name__}):\n{log}\n{cuda_versions.fix_hint()}")
+        result = _COMPILED[key]
+    if isinstance(result, CupyKernelError):
+        raise result
+    return result
+
+
+def cupy_launch(name: str, grid: int, block: int, args: Sequence[KernelArg]) -> None:
     """Launch ``name`` on the device and current PyTorch stream of the first tensor argument."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    device = tensors[0].device  # value comes first, the locations fourth
+    kernel = compiled(tensors[0].dtype, tensors[3].dtype, device.index)[name]
     import numpy as np
 
     cupy = _import_cupy()
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    device = tensors[0].device
-    dtype = tensors[0].dtype  # value comes first
-    kernel = _module(dtype, device.index)[name]
     # A device pointer is a 64-bit address and an `int` parameter is 32 bits: CuPy copies
     # NumPy scalars into the kernel's argument buffer as they are.
     packed = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int32(a) for a in args)
+    # The device of the tensors, not the current one: on a second GPU the kernel must run
+    # there, on that device's current PyTorch stream.
     with cupy.cuda.Device(device.index), _cupy_stream(cupy, torch.cuda.current_stream(device)):
         kernel((grid,), (block,), packed)
 
@@ -261,10 +306,11 @@ def _cupy_stream(cupy, stream: "torch.cuda.Stream"):
     return cupy.cuda.ExternalStream(stream.cuda_stream, stream.device_index)
 
 
-def _require_gpu(value: torch.Tensor) -> None:
-    problems = missing()
-    if problems:
-        raise CupyUnavailableError("backend='cupy' cannot run here: " + "; ".join(problems))
+def require_gpu(value: torch.Tensor) -> None:
+    """Raise :class:`CupyUnavailableError` (what is missing, how to get it) or ``ValueError``
+    (CPU tensors) when ``backend="cupy"`` cannot run on ``value``."""
+    if not is_available():  # cached: no CUDA or package queries per call
+        raise CupyUnavailableError("backend='cupy' cannot run here: " + "; ".join(missing()))
     if not value.is_cuda:
         raise ValueError(
             f"backend='cupy' needs CUDA tensors, but value is on {value.device}; move the inputs with "
@@ -272,28 +318,17 @@ def _require_gpu(value: torch.Tensor) -> None:
         )
 
 
-def ms_deform_attn_cupy(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                        max_blocks: Optional[int] = None):
-    """Multi-scale deformable attention with the CUDA kernel. Same contract as
-    :func:`ddetr_minimal.ops.msda.ms_deform_attn`; returns (N, Lq, M*D) and supports backward.
-
-    Raises :class:`CupyUnavailableError` saying what is missing (CuPy, a GPU) and how to get it.
-    """
-    _require_gpu(value)
-    check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    kernel_names(value.dtype)  # TypeError for unsupported dtypes, before anything is compiled
-    return KernelMSDA.apply(_cupy_launch, max_blocks or MAX_BLOCKS, value, spatial_shapes,
-                            level_start_index, sampling_locations, attention_weights)
-
-
 __all__ = [
+    "CupyKernelError",
     "CupyUnavailableError",
-    "KernelMSDA",
+    "alert_not_deterministic",
+    "compiled",
+    "cupy_launch",
     "is_available",
     "kernel_names",
     "kernel_source",
     "missing",
-    "ms_deform_attn_cupy",
+    "require_gpu",
     "run_backward",
     "run_forward",
 ]

@@ -9,13 +9,14 @@ meeting at each shuffle as on a GPU. The result is a shared library loaded with
 like CUDA's own ``cuLaunchKernel``: the kernel's name, the grid and block sizes, and an
 array of pointers to the kernel's arguments.
 
-:func:`ms_deform_attn_emulated` plugs that launcher into the very code the GPU wrapper
-uses (:class:`ddetr_minimal.ops.cupy_kernel.KernelMSDA`), so the argument order, the grid sizes,
-the output allocation and the autograd plumbing are checked along with the kernels::
+:func:`ms_deform_attn_emulated` plugs that launcher into the very code the GPU path uses
+(the op ``torch.ops.ddetr_minimal.ms_deform_attn`` of :mod:`ddetr_minimal.ops.library` and
+:func:`ddetr_minimal.ops.cupy_kernel.run_forward`), so the argument order, the grid sizes, the
+output allocation and the autograd plumbing are checked along with the kernels::
 
     from .emulation import ms_deform_attn_emulated
     out = ms_deform_attn_emulated(value, spatial_shapes, level_start_index, locations, weights)
-    out.sum().backward()   # runs msda_backward<float> on the CPU
+    out.sum().backward()   # runs msda_backward<float, float> on the CPU
 
 It is slow (every GPU thread becomes a CPU fiber): use small inputs. The library is built
 once into a cache directory (``$DDETR_MINIMAL_CACHE``, else ``~/.cache/ddetr_minimal``) and
@@ -36,8 +37,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from .cupy_kernel import KERNEL_FILE, kernels_dir, KernelArg, KernelMSDA, kernel_names
-from .checks import check_inputs
+from .cupy_kernel import KERNEL_FILE, MAX_BLOCKS, kernels_dir, KernelArg
 
 HEADER_FILE = "cuda_host_emulation.h"
 CXX = os.environ.get("CXX", "g++")
@@ -142,29 +142,28 @@ def launch(name: str, grid: Union[int, Sequence[int]], block: Union[int, Sequenc
         raise RuntimeError(f"emulated launch of {name} failed: {message}")
 
 
+def cpu_launch(name: str, grid: int, block: int, args: Sequence[KernelArg]) -> None:
+    """The launcher of the "emulation" backend: :func:`launch` on the default library."""
+    launch(name, grid, block, args, library=load())
+
+
 def ms_deform_attn_emulated(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                             max_blocks: Optional[int] = None):
     """Multi-scale deformable attention computed by the CUDA kernels running on the CPU.
 
     Same contract as :func:`ddetr_minimal.ops.msda.ms_deform_attn` (CPU tensors); returns
     (N, Lq, M*D) and supports ``backward()``, which runs the backward kernel. Supported
-    dtypes: float32, float64, float16 and bfloat16 (accumulated in float32).
-    ``max_blocks`` caps the grid (the kernels then loop grid-stride); small values make
-    every thread serve several outputs, which the tests use to check that loop.
+    dtypes: float32, float64, float16 and bfloat16 (accumulated in float32; their locations
+    and weights may be float32). ``max_blocks`` caps the grid (the kernels then loop
+    grid-stride); small values make every thread serve several outputs, which the tests
+    use to check that loop.
     """
-    check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if value.device.type != "cpu":
+    from .msda import ms_deform_attn  # the op's one entry point: checks once, then the custom op
+
+    if isinstance(value, torch.Tensor) and value.device.type != "cpu":
         raise ValueError(f"the CPU emulation needs CPU tensors, but value is on {value.device}")
-    kernel_names(value.dtype)  # TypeError for unsupported dtypes
-    library = load()
-
-    def cpu_launch(name, grid, block, args):
-        launch(name, grid, block, args, library=library)
-
-    from .cupy_kernel import MAX_BLOCKS
-
-    return KernelMSDA.apply(cpu_launch, max_blocks or MAX_BLOCKS, value, spatial_shapes, level_start_index,
-                            sampling_locations, attention_weights)
+    return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                          backend="emulation", max_blocks=max_blocks or MAX_BLOCKS)
 
 
-__all__ = ["build", "compile_command", "default_cache_dir", "launch", "load", "ms_deform_attn_emulated"]
+__all__ = ["build", "compile_command", "cpu_launch", "default_cache_dir", "launch", "load", "ms_deform_attn_emulated"]

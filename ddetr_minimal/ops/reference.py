@@ -1,4 +1,7 @@
-"""Multi-scale deformable attention: the op, its input checks and its backends.  (split from msda.py; docstring to be written)"""
+"""The ``loop`` backend: Eq. (3) of the paper with bilinear interpolation spelled out.
+
+Notation as in :mod:`ddetr_minimal.ops.msda`.
+"""
 from __future__ import annotations
 import torch
 
@@ -35,8 +38,12 @@ def bilinear_sample(value_l: torch.Tensor, H: int, W: int, loc: torch.Tensor) ->
         flat = (yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).permute(0, 2, 1)  # (N, M, Lq)
         corner = torch.gather(v, 2, flat.unsqueeze(-1).expand(N, M, Lq, D))  # (N, M, Lq, D)
         corner = corner.permute(0, 2, 1, 3)  # (N, Lq, M, D)
-        out = out + (w * inside).unsqueeze(-1) * corner
-    return out
+        out = out + torch.where(inside, w, torch.zeros_like(w)).unsqueeze(-1) * corner
+    # A NaN or infinite location has no defined sample: it reads NaN, as in grid_sample, so a
+    # diverging run shows. fx * fy is NaN there and carries NaN into the location's gradient,
+    # while value's gradient gets nothing from that point.
+    undefined = (torch.isnan(fx) | torch.isnan(fy)).unsqueeze(-1)  # (N, Lq, M, 1)
+    return torch.where(undefined, (fx * fy).unsqueeze(-1).expand_as(out), out)  # (N, Lq, M, D)
 
 
 def ms_deform_attn_loop(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -46,7 +53,7 @@ def ms_deform_attn_loop(value, spatial_shapes, level_start_index, sampling_locat
     out = value.new_zeros(N, Lq, M, D)
     for l, ((H, W), start) in enumerate(zip(spatial_shapes.tolist(), level_start_index.tolist())):
         value_l = value[:, start : start + H * W]  # (N, H*W, M, D)
-        for k in range(P):
-            sample = bilinear_sample(value_l, H, W, sampling_locations[:, :, :, l, k])  # (N, Lq, M, D)
-            out = out + attention_weights[:, :, :, l, k].unsqueeze(-1) * sample
+        for p in range(P):
+            sample = bilinear_sample(value_l, H, W, sampling_locations[:, :, :, l, p])  # (N, Lq, M, D)
+            out = out + attention_weights[:, :, :, l, p].unsqueeze(-1) * sample
     return out.reshape(N, Lq, M * D)  # (N, Lq, M*D)
