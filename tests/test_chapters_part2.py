@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import nbformat  # noqa: E402
+from sync_install_cells import install_cell, repository_url  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -25,11 +26,7 @@ from ddetr_minimal.viz.detection import plot_cost_matrix, plot_matching  # noqa:
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = ["ch05_model", "ch06_matching_losses", "ch07_training", "ch08_refinement_two_stage", "ch09_limitations"]
-FIRST_CELL = '''# In Colab, install the package this book is written with (elsewhere it is already installed).
-import subprocess, sys
-if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "ddetr_minimal @ git+https://github.com/ddetr-minimal/deformable-detr-book"], check=True)'''
+FIRST_CELL = install_cell(repository_url())  # the one _config.yml's repository gives
 
 
 def notebook(name):
