@@ -53,7 +53,7 @@ def draw_boxes(ax: Axes, boxes: ArrayLike, labels: Optional[Sequence] = None,
         if scores is not None:
             text.append(f"{float(scores[i]):.2f}")
         if text:
-            ax.text(x0, y0, " ".join(text), fontsize="small", color="white", va="bottom",
+            ax.text(x0, y0, " ".join(text), fontsize="small", color="white", va="bottom", clip_on=True,
                     bbox=dict(facecolor=c, alpha=0.8, pad=1, edgecolor="none"))
     if title is not None:
         ax.set_title(title)
@@ -124,10 +124,10 @@ def plot_matching(ax: Axes, gt_boxes: ArrayLike, pred_boxes: ArrayLike, pred_idx
     for j, (x0, y0, x1, y1) in enumerate(gt_xyxy):
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=palette[j % 10], linewidth=2.5))
         if gt_names is not None:
-            ax.text(x0, y0 - 2, gt_names[j], color="white", fontsize="small", va="bottom",
+            ax.text(x0, y0 - 2, gt_names[j], color="white", fontsize="small", va="bottom", clip_on=True,
                     bbox=dict(facecolor=palette[j % 10], alpha=0.8, pad=1, edgecolor="none"))
     for i, (x0, y0, x1, y1) in enumerate(pred_xyxy):
-        c = palette[partner[i] % 10] if i in partner else "lightgray"
+        c = palette[partner[i] % 10] if i in partner else "dimgray"  # unmatched: dark enough to read on white
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=c, linewidth=1.5, linestyle="--"))
         if pred_names is not None:
             ax.text(x1, y1, pred_names[i], color=c, fontsize="small", ha="right", va="top", fontweight="bold",
@@ -137,7 +137,7 @@ def plot_matching(ax: Axes, gt_boxes: ArrayLike, pred_boxes: ArrayLike, pred_idx
         ax.plot([(p[0] + p[2]) / 2, (g[0] + g[2]) / 2], [(p[1] + p[3]) / 2, (g[1] + g[3]) / 2], "-o",
                 color=palette[j % 10], markersize=3, linewidth=1.5)
     ax.plot([], [], "-", color="gray", label="object (solid), matched prediction (dashed, same colour)")
-    ax.plot([], [], "--", color="lightgray", label="unmatched prediction: no object")
+    ax.plot([], [], "--", color="dimgray", label="unmatched prediction: no object")
     ax.legend(fontsize=MIN_FONT_PT + 1, loc="lower right", framealpha=0.8)
     ax.set_xlabel("x (image pixels)")
     ax.set_ylabel("y (image pixels)")
