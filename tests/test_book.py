@@ -147,6 +147,34 @@ PAGE_CHECKS = r"""
 }
 """
 
+# At desktop width: what a reader would have to scroll or squint at.
+LAYOUT_CHECKS = r"""
+() => {
+  const problems = [];
+  const visible = e => e.offsetParent !== null && e.getBoundingClientRect().width > 0;
+  // setup code is folded or removed: no visible input installs the package or wires up glue
+  document.querySelectorAll('div.cell_input pre').forEach(pre => {
+    if (visible(pre) && /"pip", "install"|\*pip|from myst_nb import|def glue\(/.test(pre.textContent))
+      problems.push('setup code shown: ' + pre.textContent.trim().slice(0, 60));
+  });
+  document.querySelectorAll('details').forEach(d => d.open = true);  // folded code must fit too
+  document.querySelectorAll('mjx-container[display="true"]').forEach(m => {
+    if (m.scrollWidth > m.clientWidth + 1) problems.push('display equation clipped by '
+      + (m.scrollWidth - m.clientWidth) + ' px: ' + m.textContent.slice(0, 40));
+  });
+  document.querySelectorAll('pre').forEach(pre => {
+    if (visible(pre) && pre.scrollWidth > pre.clientWidth + 1) problems.push('code block scrolls sideways: '
+      + (pre.textContent.split('\n').find(l => l.length > 70) || '').slice(0, 60));
+  });
+  document.querySelectorAll('main img').forEach(img => {
+    const shown = img.getBoundingClientRect().width;
+    if (visible(img) && img.naturalWidth > 1.03 * shown) problems.push('figure shrunk to '
+      + Math.round(100 * shown / img.naturalWidth) + '% (its text with it): ' + img.src.split('/').pop());
+  });
+  return problems;
+}
+"""
+
 
 def _anchor_ids(path: Path, cache={}):
     if path not in cache:
@@ -182,7 +210,19 @@ def test_every_page_in_a_browser(served_book):
             page.wait_for_load_state("networkidle")
             result = page.evaluate(PAGE_CHECKS)
             page.screenshot(path=str(shots / (rel.replace("/", "__") + ".png")), full_page=True)
-            problems = failed + result["problems"]
+            problems = failed + result["problems"] + page.evaluate(LAYOUT_CHECKS)
+            phone = browser.new_page(viewport={"width": 390, "height": 844})
+            phone.goto(base + rel, wait_until="load")
+            phone.wait_for_load_state("networkidle")
+            try:
+                phone.evaluate("() => window.MathJax && MathJax.startup ? MathJax.startup.promise : null")
+            except Exception:  # noqa: BLE001 - the desktop pass reports MathJax problems
+                pass
+            width = phone.evaluate("() => document.documentElement.scrollWidth")
+            if width > 390:
+                problems.append(f"at 390 px the page scrolls sideways ({width} px wide)")
+            phone.screenshot(path=str(shots / (rel.replace("/", "__") + ".390.png")), full_page=True)
+            phone.close()
             for link in result["links"]:
                 u = urlparse(link)
                 if not link.startswith(base):
