@@ -29,7 +29,6 @@ Three choices make this the fastest pure-PyTorch formulation measured on a CPU
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 
