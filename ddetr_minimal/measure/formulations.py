@@ -75,6 +75,19 @@ def per_level_queries_first(value, spatial_shapes, lsi, loc, weights, mix="mul",
     return out.reshape(N, M * D, Lq).transpose(1, 2).contiguous()  # (N, Lq, M*D)
 
 
+def per_level_points_first(value, spatial_shapes, lsi, loc, weights):
+    """The kept layout (grid (N*M, P, Lq, 2), levels split once), mixed by a product and a sum
+    over P instead of one multiply-add per point."""
+    N, _, M, D = value.shape
+    _, Lq, _, L, P, _ = loc.shape
+    grids = (2 * loc - 1).permute(3, 0, 2, 4, 1, 5).reshape(L, N * M, P, Lq, 2).contiguous()  # (L, N*M, P, Lq, 2)
+    w = weights.permute(3, 0, 2, 4, 1).reshape(L, N * M, 1, P, Lq).contiguous()  # (L, N*M, 1, P, Lq)
+    out = 0
+    for v, g, w_l in zip(_levels(value, spatial_shapes.tolist()), grids.unbind(0), w.unbind(0)):
+        out = out + (_sample(v, g) * w_l).sum(2)  # (N*M, D, Lq)
+    return out.reshape(N, M * D, Lq).transpose(1, 2).contiguous()  # (N, Lq, M*D)
+
+
 def canvas(value, spatial_shapes, lsi, loc, weights):
     """One grid_sample over all levels: the maps stacked into one canvas, a zero row under each
     and zero columns right of the narrower ones; points outside their level are moved off it."""
@@ -106,8 +119,10 @@ FORMULATIONS: Dict[str, tuple] = {
     "per_level_bmm": (lambda *a: per_level_queries_first(*a, mix="bmm"), "one level at a time, mixed by a batched matmul"),
     "per_level_channels_last": (lambda *a: per_level_queries_first(*a, channels_last=True),
                                 "one level at a time, each map stored channels-last"),
+    "per_level_points_first": (per_level_points_first,
+                               "one level at a time, points before queries, product and sum over P"),
     "canvas": (canvas, "one grid_sample over all levels on a zero-separated canvas"),
-    "kept": (ms_deform_attn_torch, "the torch backend: per level, points before queries, levels split once"),
+    "kept": (ms_deform_attn_torch, "the torch backend: per level, points before queries, one addcmul per point"),
 }
 
 
@@ -156,7 +171,10 @@ def _kept_layout(maps, spatial_shapes, loc, weights):
     D = maps[0].shape[1]
     grids = (2 * loc - 1).permute(3, 0, 2, 4, 1, 5).reshape(L, N * M, P, Lq, 2).contiguous()  # (L, N*M, P, Lq, 2)
     w = weights.permute(3, 0, 2, 4, 1).reshape(L, N * M, 1, P, Lq).contiguous()  # (L, N*M, 1, P, Lq)
-    out = sum((_sample(v, g) * w_l).sum(2) for v, g, w_l in zip(maps, grids.unbind(0), w.unbind(0)))  # (N*M, D, Lq)
+    out = maps[0].new_zeros(N * M, D, Lq)
+    for v, g, w_l in zip(maps, grids.unbind(0), w.unbind(0)):
+        for s_p, w_p in zip(_sample(v, g).unbind(2), w_l.unbind(2)):  # (N*M, D, Lq), (N*M, 1, Lq)
+            out = torch.addcmul(out, s_p, w_p)  # (N*M, D, Lq)
     return out.view(N, M * D, Lq).transpose(1, 2).contiguous()  # (N, Lq, M*D)
 
 
