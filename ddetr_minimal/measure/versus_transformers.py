@@ -168,12 +168,13 @@ def training_steps(image_size: int = 320, **sizes) -> Dict[str, Callable[[], Non
     return {"ours": ours, "transformers": transformers}
 
 
-def compare_training_step(image_size: int = 320, threads: int = 2, repeats: int = 5, **sizes) -> dict:
+def compare_training_step(image_size: int = 320, threads: int = 2, repeats: int = 5, warmup: int = 1,
+                          **sizes) -> dict:
     """Wall and CPU seconds of one training step, ours against transformers', with ``threads`` threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        t = interleaved_times(training_steps(image_size, **sizes), repeats)
+        t = interleaved_times(training_steps(image_size, **sizes), repeats, warmup)
     finally:
         torch.set_num_threads(before)
     ours, theirs = t["ours"], t["transformers"]
@@ -186,7 +187,7 @@ def compare_training_step(image_size: int = 320, threads: int = 2, repeats: int 
 
 def compare(op_repeats: int = 7, step_repeats: int = 5, step_threads: int = 2, image_size: int = 320,
             op_cases: Optional[Dict[str, dict]] = None, levels: Sequence[Sequence[int]] = LEVELS,
-            **step_sizes) -> dict:
+            step_warmup: int = 1, **step_sizes) -> dict:
     """Everything above, as one record (the op on one thread, the training step on ``step_threads``)."""
     import transformers
 
@@ -196,7 +197,7 @@ def compare(op_repeats: int = 7, step_repeats: int = 5, step_threads: int = 2, i
         op = compare_op(op_cases, levels, op_repeats)
     finally:
         torch.set_num_threads(before)
-    step = compare_training_step(image_size, step_threads, step_repeats, **step_sizes)
+    step = compare_training_step(image_size, step_threads, step_repeats, step_warmup, **step_sizes)
     return {"transformers": transformers.__version__, "op": op, "training_step": step}
 
 
