@@ -17,6 +17,8 @@ COMMANDS = {
     "evaluate": ("ddetr_minimal.training.evaluate", "COCO box AP of a checkpoint"),
     "experiments": ("ddetr_minimal.training.experiments", "run a recorded experiment (convergence, ...)"),
     "benchmark": ("ddetr_minimal.measure.benchmark", "vanilla vs deformable cost, backends, on CPU or GPU"),
+    "bench-formulations": ("ddetr_minimal.measure.formulations",
+                           "on a CPU: pure-PyTorch formulations of the op against transformers'"),
     "bench-kernel": ("ddetr_minimal.measure.bench_kernel", "on a GPU: the CUDA kernel against the torch backend"),
 }
 

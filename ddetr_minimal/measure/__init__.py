@@ -4,5 +4,8 @@
 * :mod:`.memory` -- bytes saved for backward, and the attention matrices' analytic size;
 * :mod:`.cost` -- FLOP counters, exponent fits, attention entropy, one layer's cost as the map grows;
 * :mod:`.records` -- provenance (command, commit, machine, date) and atomic writes of results;
-* :mod:`.benchmark`, :mod:`.bench_kernel` -- ``python -m ddetr_minimal benchmark`` / ``bench-kernel``.
+* :mod:`.benchmark`, :mod:`.bench_kernel` -- ``python -m ddetr_minimal benchmark`` / ``bench-kernel``;
+* :mod:`.versus_transformers`, :mod:`.formulations` -- the CPU path against transformers' pure-PyTorch
+  Deformable DETR, and the op's formulations (``bench-formulations``); transformers is imported
+  only there, when they run.
 """

@@ -7,8 +7,13 @@ in one run:
     attention against single-scale deformable attention, as H*W grows, with the exponent of a
     power law ``t ~ (HW)^e`` fitted to the larger sizes;
 (b) the op's ``loop`` and ``torch`` backends on one multi-scale case;
+(c) on a CPU, when ``transformers`` is installed, this package against transformers'
+    pure-PyTorch Deformable DETR (:mod:`ddetr_minimal.measure.versus_transformers`): the op's
+    forward+backward time at the paper's and the toy experiment's shapes, its memory saved for
+    backward, and a training step of the paper-sized detector;
 
-and the ratios between them, then writes everything to a JSON file the book can plot.
+and the ratios between them, then writes everything to a JSON file the book reads
+(``data/bench/<device>/benchmark.json``).
 
 Time: the median of a few repeats, all sizes measured in turn within each repeat; CPU time of
 this process on a CPU (so other programs on a shared machine do not inflate it), wall time on a
@@ -133,6 +138,30 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+TINY_COMPARISON = dict(op_cases={"tiny": dict(N=1, Lq=30, M=2, D=4, P=2)}, levels=((4, 4), (2, 2)),
+                       image_size=64, d_model=64, layers=2, ffn=64, num_queries=10, step_warmup=0)
+
+
+def versus_transformers_part(args, device: torch.device) -> dict | None:
+    """(c): print and return the comparison with transformers, or None (with the reason) when skipped."""
+    from . import versus_transformers as vt
+
+    why = ("--skip-transformers was given" if args.skip_transformers else
+           "it runs on the CPU only (pass --device cpu)" if device.type != "cpu" else
+           None if vt.transformers_available() else
+           "transformers (or timm) is not installed: pip install transformers timm")
+    if why:
+        print(f"\nSkipping the comparison with transformers: {why}.")
+        return None
+    sizes = TINY_COMPARISON if args.tiny_comparison else {}
+    print("\nMeasuring against transformers (the op on one thread, the training step on "
+          f"{args.step_threads})...")
+    versus = vt.compare(op_repeats=args.op_repeats, step_repeats=args.step_repeats,
+                        step_threads=args.step_threads, **sizes)
+    print(vt.report(versus))
+    return versus
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m ddetr_minimal benchmark", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -141,12 +170,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="comma-separated sides of the square feature maps (at least five)")
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default=None, help="JSON path (default data/results/benchmark_<device>.json)")
+    p.add_argument("--out", default=None, help="JSON path (default data/bench/<device>/benchmark.json)")
     p.add_argument("--queries", type=int, default=500, help="queries in the backend comparison")
     p.add_argument("--threads", type=int, default=1,
                    help="PyTorch CPU threads while measuring (default 1: CPU time then counts work, "
                         "not threads spinning while they wait for a busy core)")
     p.add_argument("--force", action="store_true", help="overwrite an existing JSON file")
+    p.add_argument("--skip-transformers", action="store_true", help="leave out the comparison with transformers")
+    p.add_argument("--op-repeats", type=int, default=9, help="repeats of the op against transformers")
+    p.add_argument("--step-repeats", type=int, default=5, help="repeats of the training step against transformers")
+    p.add_argument("--step-threads", type=int, default=2, help="PyTorch threads of the training step")
+    p.add_argument("--tiny-comparison", action="store_true",
+                   help="compare with transformers on tiny shapes and a tiny detector (a check that it runs)")
     args = p.parse_args(argv)
 
     sides = [int(s) for s in args.sides.split(",") if s.strip()]
@@ -159,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was asked for, but torch.cuda.is_available() is False")
-    out = args.out or os.path.join("data", "results", f"benchmark_{device.type}.json")
+    out = args.out or os.path.join("data", "bench", device.type, "benchmark.json")
     if os.path.exists(out) and not args.force:
         p.error(f"--out {out} exists; pass --force to overwrite it")
 
@@ -186,12 +221,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for k, v in exps.items():
         print(f"  {k:<18} {v:.2f}")
 
-    print(f"\nThe op's backends on levels (32,32),(16,16),(8,8),(4,4), {args.queries} queries, 8 heads, D=32, K=4:")
+    print(f"\nThe op's backends on levels (32,32),(16,16),(8,8),(4,4), {args.queries} queries, 8 heads, D=32, P=4:")
     brows = bench_backends(device, repeats=args.repeats, n_queries=args.queries)
     base = next(r for r in brows if r["backend"] == "torch")
     for r in brows:
         print(f"  {r['backend']:<6} {1e3 * r['fwd_bwd_s']:>9.2f} ms  {_fmt_bytes(r['bytes']):>11}  "
               f"time vs torch x{r['fwd_bwd_s'] / base['fwd_bwd_s']:.2f}  memory vs torch x{r['bytes'] / base['bytes']:.2f}")
+
+    versus = versus_transformers_part(args, device)
 
     result = {
         **provenance(["python", "-m", "ddetr_minimal", "benchmark", *(argv if argv is not None else sys.argv[1:])]),
@@ -203,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "exponents": exps,
         "exponent_fit_hw": hw,
         "backends": brows,
+        "versus_transformers": versus,
     }
     write_json(out, result)
     print(f"\nwrote {out}")
