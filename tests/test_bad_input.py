@@ -38,72 +38,48 @@ def test_wrong_rank(index, new, pattern):
         call(args)
 
 
-def test_non_positive_level_size():
+# (what is wrong, {argument index: new value from the good arguments}, error, message)
+BAD = [
+    ("non-positive level", {1: lambda a: torch.tensor([[4, 5], [0, 3]]), 2: lambda a: torch.tensor([0, 20]),
+                            0: lambda a: torch.zeros(2, 20, 2, 4)},
+     ValueError, r"spatial_shapes must hold positive \(H_l, W_l\), got \[\[4, 5\], \[0, 3\]\]"),
+    ("S not the sum of H*W", {0: lambda a: torch.zeros(2, 25, 2, 4)},
+     ValueError, r"value has S=25 positions .*sum\(H\*W\)=26; expected them to be equal"),
+    ("level starts", {2: lambda a: torch.tensor([0, 19])},
+     ValueError, r"level_start_index is \[0, 19\], but spatial_shapes \[\[4, 5\], \[2, 3\]\] give the level starts "
+                 r"\[0, 20\]"),
+    ("level starts' length", {2: lambda a: torch.tensor([0, 20, 26])},
+     ValueError, r"level_start_index has shape \(3\) .* \(levels L\) is 3; expected 2"),
+    ("levels", {3: lambda a: a[3][:, :, :, :1]},  # one level in the locations, two in spatial_shapes
+     ValueError, r"sampling_locations .* dimension 3 \(levels L, from spatial_shapes\) is 1; expected 2"),
+    ("heads", {4: lambda a: torch.rand(2, 3, 3, 2, 2)},
+     ValueError, r"attention_weights has shape \(2, 3, 3, 2, 2\) .* expected \(2, 3, 2, 2, 2\)"),
+    ("heads of the locations", {3: lambda a: torch.rand(2, 3, 1, 2, 2, 2)},
+     ValueError, r"dimension 2 \(heads M, from value\) is 1; expected 2"),
+    ("points", {4: lambda a: torch.rand(2, 3, 2, 2, 1)},  # P=1 would broadcast against P=2 if unchecked
+     ValueError, r"attention_weights has shape \(2, 3, 2, 2, 1\)"),
+    ("batch", {3: lambda a: a[3][:1]},
+     ValueError, r"dimension 0 \(batch N, from value\) is 1; expected 2"),
+    ("dtypes", {3: lambda a: a[3].double()},
+     TypeError, r"sampling_locations has dtype torch.float64 but value has dtype torch.float32"),
+    ("integer value", {0: lambda a: a[0].long()},
+     TypeError, r"value must be a floating-point tensor, got dtype torch.int64"),
+    ("float shapes", {1: lambda a: a[1].float()},
+     TypeError, r"spatial_shapes must be an integer tensor"),
+    ("devices", {3: lambda a: a[3].to("meta")},
+     ValueError, r"sampling_locations is on device meta but value is on device cpu"),
+    ("not a tensor", {0: lambda a: a[0].numpy()},
+     TypeError, r"value must be a torch.Tensor of shape \(N, S, M, D\), got ndarray"),
+]
+
+
+@pytest.mark.parametrize("what,changes,error,pattern", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_is_named(what, changes, error, pattern):
     args = good()
-    args[1] = torch.tensor([[4, 5], [0, 3]])
-    args[2] = torch.tensor([0, 20])
-    args[0] = torch.zeros(2, 20, 2, 4)
-    with pytest.raises(ValueError, match=r"spatial_shapes must hold positive \(H_l, W_l\), got \[\[4, 5\], \[0, 3\]\]"):
-        call(args)
-
-
-def test_S_not_sum_of_HW():
-    args = good()
-    args[0] = torch.zeros(2, 25, 2, 4)
-    with pytest.raises(ValueError, match=r"value has S=25 positions .*sum\(H\*W\)=26; expected them to be equal"):
-        call(args)
-
-
-def test_inconsistent_level_start_index():
-    args = good()
-    args[2] = torch.tensor([0, 19])
-    with pytest.raises(ValueError, match=r"level_start_index is \[0, 19\], but spatial_shapes \[\[4, 5\], \[2, 3\]\] give the level starts \[0, 20\]"):
-        call(args)
-
-
-def test_level_start_index_wrong_length():
-    args = good()
-    args[2] = torch.tensor([0, 20, 26])
-    with pytest.raises(ValueError, match=r"level_start_index has shape \(3\) .* \(levels L\) is 3; expected 2"):
-        call(args)
-
-
-def test_levels_disagree():
-    args = good()
-    args[3] = args[3][:, :, :, :1]  # one level in the locations, two in spatial_shapes
-    with pytest.raises(ValueError, match=r"sampling_locations .* dimension 3 \(levels L, from spatial_shapes\) is 1; expected 2"):
-        call(args)
-
-
-def test_heads_disagree():
-    args = good()
-    args[4] = torch.rand(2, 3, 3, 2, 2)
-    with pytest.raises(ValueError, match=r"attention_weights has shape \(2, 3, 3, 2, 2\) .* expected \(2, 3, 2, 2, 2\)"):
-        call(args)
-    args = good()
-    args[3] = torch.rand(2, 3, 1, 2, 2, 2)
-    with pytest.raises(ValueError, match=r"dimension 2 \(heads M, from value\) is 1; expected 2"):
-        call(args)
-
-
-def test_points_disagree_no_broadcasting():
-    args = good()
-    args[4] = torch.rand(2, 3, 2, 2, 1)  # P=1 would broadcast against P=2 if unchecked
-    with pytest.raises(ValueError, match=r"attention_weights has shape \(2, 3, 2, 2, 1\)"):
-        call(args)
-
-
-def test_batch_disagrees():
-    args = good()
-    args[3] = args[3][:1]
-    with pytest.raises(ValueError, match=r"dimension 0 \(batch N, from value\) is 1; expected 2"):
-        call(args)
-
-
-def test_mixed_dtypes():
-    args = good()
-    args[3] = args[3].double()
-    with pytest.raises(TypeError, match=r"sampling_locations has dtype torch.float64 but value has dtype torch.float32"):
+    new = {i: change(args) for i, change in changes.items()}
+    for i, value in new.items():
+        args[i] = value
+    with pytest.raises(error, match=pattern):
         call(args)
 
 
@@ -120,24 +96,6 @@ def test_float32_locations_are_accepted_only_for_16_bit_values(value_dtype):
     args[3], args[4] = args[3].to(torch.float16), args[4].to(torch.float16)  # float32 value, 16-bit locations
     with pytest.raises(TypeError, match=r"sampling_locations has dtype torch.float16 but value has dtype "
                                         r"torch.float32; expected torch.float32"):
-        call(args)
-
-
-def test_integer_value_and_float_shapes():
-    args = good()
-    args[0] = args[0].long()
-    with pytest.raises(TypeError, match=r"value must be a floating-point tensor, got dtype torch.int64"):
-        call(args)
-    args = good()
-    args[1] = args[1].float()
-    with pytest.raises(TypeError, match=r"spatial_shapes must be an integer tensor"):
-        call(args)
-
-
-def test_mixed_devices():
-    args = good()
-    args[3] = args[3].to("meta")
-    with pytest.raises(ValueError, match=r"sampling_locations is on device meta but value is on device cpu"):
         call(args)
 
 
