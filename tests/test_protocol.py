@@ -1,0 +1,169 @@
+"""The repeated convergence protocol: schedules, seeds, statistics, resuming, trained checkpoints."""
+import json
+import pytest
+import torch
+
+from ddetr_minimal.training import checkpoints, protocol, repeated
+
+
+def test_each_model_drops_its_lr_at_the_same_fraction_of_its_own_schedule():
+    assert protocol.schedule(100, 0.8) == 80 and protocol.schedule(10, 0.8) == 8
+    assert protocol.schedule(500, 0.8) == 400 and protocol.schedule(50, 0.8) == 40  # the paper's
+    with pytest.raises(ValueError, match="not a whole epoch"):
+        protocol.schedule(12, 0.8)  # 9.6
+    with pytest.raises(ValueError, match="drop_fraction must be in"):
+        protocol.schedule(10, 1.0)
+    with pytest.raises(ValueError, match="epochs must be an integer >= 2"):
+        protocol.schedule(1, 0.5)
+
+
+def test_plan_gives_deformable_a_tenth_of_detr_epochs_and_every_seed():
+    runs = protocol.plan(100, [0, 1, 2], 0.8, 10, ("single_scale", "refine", "two_stage"), [0])
+    by = {r.name: r for r in runs}
+    assert [r.name for r in runs] == ["detr_s0", "detr_s1", "detr_s2", "deformable_s0", "deformable_s1",
+                                      "deformable_s2", "single_scale_s0", "refine_s0", "two_stage_s0"]
+    assert {r.epochs for r in runs if r.group == "detr"} == {100}
+    assert {r.epochs for r in runs if r.group != "detr"} == {10}
+    assert all(r.lr_drop / r.epochs == 0.8 for r in runs)
+    assert by["detr_s0"].eval_every == 5 and by["deformable_s1"].eval_every == 1
+    # snapshots for the first seed only: DETR and Deformable DETR at 0, 10, 50, 100 %, the variants at the end
+    assert by["detr_s0"].save_epochs == [0, 10, 50, 100] and by["deformable_s0"].save_epochs == [0, 1, 5, 10]
+    assert by["refine_s0"].save_epochs == [10] and by["detr_s1"].save_epochs == [] == by["deformable_s2"].save_epochs
+    # a seed changes the run's --seed; the model's flags follow its group
+    a = by["single_scale_s0"].train_args()
+    assert a[a.index("--n-levels") + 1] == "1" and a[a.index("--seed") + 1] == "0"
+    assert "--two-stage" in by["two_stage_s0"].train_args() and "--with-box-refine" in by["two_stage_s0"].train_args()
+    assert "--detr-focal" in by["detr_s2"].train_args() and by["detr_s2"].train_args()[1] == "detr"
+    with pytest.raises(ValueError, match="multiple of epoch_ratio"):
+        protocol.plan(95, [0])
+    with pytest.raises(ValueError, match="distinct integers"):
+        protocol.plan(100, [1, 1])
+    with pytest.raises(ValueError, match="extra_groups: unknown"):
+        protocol.plan(100, [0], extra_groups=("bogus",))
+
+
+def _curve(aps, every=1, ap_s=None):
+    rows = []
+    for e in range(1, len(aps) + 1):
+        row = {"epoch": e, "loss": 1.0 / e}
+        if e % every == 0 or e == len(aps):
+            row.update({k: aps[e - 1] for k in protocol.AP_KEYS})
+            row["AP_S"] = aps[e - 1] if ap_s is None else ap_s
+        rows.append(row)
+    return rows
+
+
+def _run(group, seed, aps, ap_s=None, finished=True, every=1):
+    return {"group": group, "seed": seed, "epochs": len(aps), "lr_drop": round(0.8 * len(aps)), "finished": finished,
+            "curve": _curve(aps, every, ap_s), "wall_seconds": 10.0 * len(aps)}
+
+
+def test_summary_statistics_over_seeds_and_the_claims():
+    assert protocol.mean_sd([1.0, 2.0, 3.0]) == {"mean": 2.0, "sd": 1.0, "n": 3, "min": 1.0, "max": 3.0}
+    assert protocol.mean_sd([None, 4.0])["sd"] == 0.0 and protocol.mean_sd([None])["mean"] is None
+    detr = [_run("detr", s, [0.01 * e for e in range(1, 21)], ap_s=0.01, every=5) for s in range(3)]  # final 0.20
+    fast = [_run("deformable", 0, [0.04, 0.12, 0.22], ap_s=0.10), _run("deformable", 1, [0.06, 0.09, 0.21], ap_s=0.12),
+            _run("deformable", 2, [0.02, 0.08, 0.23], ap_s=0.08)]
+    unfinished = _run("refine", 0, [0.5, 0.5], finished=False)
+    s = protocol.summarize(detr + fast + [unfinished])
+    assert set(s["groups"]) == {"detr", "deformable"}  # an unfinished run is not summarized
+    assert s["detr_mean_final_AP"] == pytest.approx(0.20)
+    f = s["groups"]["deformable"]
+    assert f["final"]["AP"]["mean"] == pytest.approx(0.22) and f["final"]["AP"]["sd"] == pytest.approx(0.01)
+    assert f["epochs_to"]["AP 5"]["per_seed"] == [2, 1, 2]
+    assert f["epochs_to"]["AP 10"]["per_seed"] == [2, 3, 3] and f["epochs_to"]["AP 10"]["mean"] == pytest.approx(8 / 3)
+    assert f["epochs_to"]["DETR final AP"]["per_seed"] == [3, 3, 3]
+    # DETR is evaluated every 5 epochs: it reaches AP 5 at its fifth epoch, AP 10 at its tenth
+    assert s["groups"]["detr"]["epochs_to"]["AP 5"]["per_seed"] == [5, 5, 5]
+    assert s["groups"]["detr"]["epochs_to"]["AP 10"]["mean"] == 10
+    assert s["groups"]["detr"]["wall_seconds"]["mean"] == 200.0
+    c = s["claims"]
+    assert c["detr_mean_final_AP_at_least_10"] and c["deformable_mean_final_AP_at_least_detr"]
+    assert c["deformable_AP_S_gap"]["gap"] == pytest.approx(0.09)
+    assert c["deformable_AP_S_gap"]["summed_sd"] == pytest.approx(0.02)
+    assert c["deformable_AP_S_above_detr_by_5_points_and_2_summed_sd"]
+    # the same gap with a wide spread fails the claim; a small gap fails it too
+    wide = [_run("deformable", i, [0.2, 0.2, 0.2], ap_s=a) for i, a in enumerate((0.0, 0.1, 0.2))]
+    assert not protocol.summarize(detr + wide)["claims"]["deformable_AP_S_above_detr_by_5_points_and_2_summed_sd"]
+    close = [_run("deformable", i, [0.2, 0.2, 0.2], ap_s=0.04) for i in range(3)]
+    c = protocol.summarize(detr + close)["claims"]
+    assert c["deformable_AP_S_gap"]["summed_sd"] == 0.0
+    assert not c["deformable_AP_S_above_detr_by_5_points_and_2_summed_sd"]
+    weak = [_run("detr", s, [0.05] * 20, every=5) for s in range(3)]
+    c = protocol.summarize(weak + close)["claims"]
+    assert c["detr_mean_final_AP_at_least_10"] is False
+    assert protocol.summarize(weak)["claims"]["deformable_mean_final_AP_at_least_detr"] is None
+
+
+def _fake_run_dir(path, epochs_done):
+    path.mkdir(parents=True)
+    rows = [{"epoch": e, "lr": 1e-4, "train_loss": 1.0, "train_seconds": 1.0, **{k: 0.1 for k in protocol.AP_KEYS}} for e in range(1, epochs_done + 1)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "checkpoint.pth").write_bytes(b"x")
+
+
+def test_resume_skips_finished_runs_and_continues_partial_ones(tmp_path, monkeypatch):
+    runs = protocol.plan(20, [0, 1], 0.5, extra_groups=())
+    done, half = tmp_path / "runs" / "detr_s1", tmp_path / "runs" / "deformable_s1"
+    _fake_run_dir(done, 20)
+    _fake_run_dir(half, 1)
+    assert repeated.run_state(runs[1], done) == "finished"
+    assert repeated.run_state(runs[3], half) == "partial"
+    assert repeated.run_state(runs[0], tmp_path / "runs" / "detr_s0") == "new"
+    launched = {}
+
+    def fake_run_jobs(jobs, runs_dir, parallel, threads, on_finish):
+        launched.update(jobs)
+        return None
+
+    monkeypatch.setattr(repeated, "run_jobs", fake_run_jobs)
+    monkeypatch.setattr(repeated, "pretrained_backbone", lambda args, d: {"weights": str(d / "backbone.pth")})
+    monkeypatch.setattr(repeated, "ensure_dataset", lambda *a: {"num_train": 4})
+    out = tmp_path / "record.json"
+    argv = ["--detr-epochs", "20", "--drop-fraction", "0.5", "--seeds", "0,1", "--extra", "",
+            "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--checkpoints-dir", str(tmp_path / "ck")]
+    record = repeated.seeds([*argv, "--resume"])
+    assert sorted(launched) == ["deformable_s0", "deformable_s1", "detr_s0"]  # detr_s1 finished: not trained again
+    assert "--resume" in launched["deformable_s1"] and "--resume" not in launched["detr_s0"]
+    assert record["runs"]["detr_s1"]["finished"] and not record["runs"]["deformable_s1"]["finished"]
+    assert record["runs"]["detr_s1"]["lr_drop"] == 10 and record["runs"]["deformable_s1"]["epochs"] == 2
+    assert record["runs"]["detr_s1"]["seed"] == 1 and record["runs"]["deformable_s1"]["seed"] == 1
+    assert [r["epoch"] for r in record["runs"]["deformable_s1"]["curve"]] == [1]
+    assert record["summary"]["groups"]["detr"]["seeds"] == [1]  # only finished runs are summarized
+    assert {"command", "commit", "machine", "date"} <= set(record) and len(record["invocations"]) == 1
+    with pytest.raises(SystemExit, match="already holds a record"):  # never overwritten silently
+        repeated.seeds(argv)
+    again = repeated.seeds([*argv, "--resume"])
+    assert len(again["invocations"]) == 2
+
+
+def test_trained_checkpoints_load_and_a_mismatch_names_the_file_and_keys(tmp_path):
+    from ddetr_minimal.training.train import build_model_from_args, resolve_args
+
+    args = resolve_args(["--model", "deformable", "--data-path", str(tmp_path), "--d-model", "32", "--n-heads", "2",
+                         "--enc-layers", "1", "--dec-layers", "1", "--dim-feedforward", "64", "--num-queries", "8",
+                         "--n-levels", "2", "--image-size", "160"])
+    model, _, _ = build_model_from_args(args, 5)
+    info = {"file": "tiny.pth", "run": "deformable_s0", "epoch": 3, "AP": 0.1, "command": "c", "commit": "x"}
+    checkpoints.write_trained(tmp_path / "tiny.pth", model.state_dict(), vars(args), ["a", "b", "c", "d", "e"], info)
+    checkpoints.write_manifest(tmp_path, {"tiny": info}, {"command": "c", "commit": "x"})
+    assert checkpoints.list_trained(tmp_path) == ["tiny"]
+    loaded, post, meta = checkpoints.load_trained("tiny", tmp_path)
+    assert meta["epoch"] == 3 and meta["class_names"][0] == "a" and not loaded.training
+    for k, v in model.state_dict().items():  # half precision on disk, float32 back
+        w = loaded.state_dict()[k]
+        assert w.dtype == v.dtype and torch.allclose(w, v, rtol=1e-2, atol=1e-3), k
+    assert (tmp_path / "tiny.pth").stat().st_size < 3e6
+    with pytest.raises(KeyError, match="no trained checkpoint named 'other'"):
+        checkpoints.load_trained("other", tmp_path)
+    # weights of a model with another width under the same hyper-parameters: every mismatch is named
+    ckpt = torch.load(tmp_path / "tiny.pth", weights_only=True)
+    ckpt["model"]["class_embed.0.weight"] = torch.zeros(7, 32)
+    ckpt["model"]["extra.weight"] = torch.zeros(1)
+    del ckpt["model"]["query_embed.weight"]
+    torch.save(ckpt, tmp_path / "tiny.pth")
+    with pytest.raises(ValueError) as err:
+        checkpoints.load_trained("tiny", tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path / "tiny.pth") in msg and "missing keys ['query_embed.weight']" in msg
+    assert "unexpected keys ['extra.weight']" in msg and "class_embed.0.weight has shape (7, 32)" in msg
