@@ -167,3 +167,48 @@ def test_trained_checkpoints_load_and_a_mismatch_names_the_file_and_keys(tmp_pat
     msg = str(err.value)
     assert str(tmp_path / "tiny.pth") in msg and "missing keys ['query_embed.weight']" in msg
     assert "unexpected keys ['extra.weight']" in msg and "class_embed.0.weight has shape (7, 32)" in msg
+
+
+def test_training_keeps_half_precision_weights_at_the_asked_epochs_and_they_load(tmp_path):
+    from ddetr_minimal.datasets.synthetic import generate
+    from ddetr_minimal.training import train
+
+    data = generate(tmp_path / "toy", num_train=4, num_val=2, image_size=160, seed=0, progress=False)
+    args = ["--model", "deformable", "--n-levels", "1", "--data-path", str(data), "--d-model", "32", "--n-heads", "2",
+            "--enc-layers", "1", "--dec-layers", "1", "--dim-feedforward", "64", "--num-queries", "8",
+            "--batch-size", "2", "--no-progress", "--threads", "1", "--device", "cpu", "--epochs", "2",
+            "--eval-every", "5", "--save-epochs", "0,2", "--output-dir", str(tmp_path / "run")]
+    train.main(args)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("model_e*.pth")) == ["model_e000.pth", "model_e002.pth"]
+    first, last = (torch.load(run / f"model_e{e:03d}.pth", weights_only=True) for e in (0, 2))
+    final = torch.load(run / "checkpoint.pth", weights_only=False)["model"]
+    assert all(v.dtype == torch.float16 for v in last.values() if v.is_floating_point())
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # trained in between
+    for k, v in final.items():
+        assert torch.allclose(last[k].float(), v.float(), rtol=1e-2, atol=1e-3), k
+    assert sum(v.numel() for k, v in final.items() if k.startswith("input_proj")) > 0
+    assert not any(k.startswith("input_proj.1") for k in final)  # one level: one input projection
+    with pytest.raises(SystemExit, match="--save-epochs must lie in 0..2"):
+        train.resolve_args([*args[:-2], "--save-epochs", "3"])
+
+
+def test_subset_spread_is_zero_for_perfect_detections_and_positive_for_noisy_ones(tmp_path):
+    from ddetr_minimal.datasets.coco import build_dataset
+    from ddetr_minimal.datasets.synthetic import generate
+    from ddetr_minimal.training.noise import subset_spread
+
+    data = generate(tmp_path / "toy", num_train=1, num_val=40, image_size=160, seed=3, progress=False)
+    ds = build_dataset(data, "val", "toy", 160)
+    gt = ds.coco_gt()
+    anns = gt.loadAnns(gt.getAnnIds())
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in anns]
+    s = subset_spread(gt, perfect, ds.image_ids(), repeats=4)
+    assert s["AP"]["mean"] == pytest.approx(1.0) and s["standard_error"]["AP"] == pytest.approx(0.0, abs=1e-9)
+    # every other image's detections are shifted away: the AP depends on which images are drawn
+    noisy = [dict(r, bbox=[r["bbox"][0] + 40, *r["bbox"][1:]]) if r["image_id"] % 2 else r for r in perfect]
+    s = subset_spread(gt, noisy, ds.image_ids(), repeats=6)
+    assert 0.2 < s["AP"]["mean"] < 0.8 and s["standard_error"]["AP"] > 0.01
+    with pytest.raises(ValueError, match="fraction must be in"):
+        subset_spread(gt, perfect, ds.image_ids(), fraction=1.0)
