@@ -20,8 +20,9 @@ def test_each_model_drops_its_lr_at_the_same_fraction_of_its_own_schedule():
 def test_plan_gives_deformable_a_tenth_of_detr_epochs_and_every_seed():
     runs = protocol.plan(100, [0, 1, 2], 0.8, 10, ("single_scale", "refine", "two_stage"), [0])
     by = {r.name: r for r in runs}
-    assert [r.name for r in runs] == ["detr_s0", "detr_s1", "detr_s2", "deformable_s0", "deformable_s1",
-                                      "deformable_s2", "single_scale_s0", "refine_s0", "two_stage_s0"]
+    # the kept seed first (DETR, the longest, leading), then the other seeds longest first
+    assert [r.name for r in runs] == ["detr_s0", "deformable_s0", "single_scale_s0", "refine_s0", "two_stage_s0",
+                                      "detr_s1", "detr_s2", "deformable_s1", "deformable_s2"]
     assert {r.epochs for r in runs if r.group == "detr"} == {100}
     assert {r.epochs for r in runs if r.group != "detr"} == {10}
     assert all(r.lr_drop / r.epochs == 0.8 for r in runs)
@@ -107,8 +108,8 @@ def test_resume_skips_finished_runs_and_continues_partial_ones(tmp_path, monkeyp
     done, half = tmp_path / "runs" / "detr_s1", tmp_path / "runs" / "deformable_s1"
     _fake_run_dir(done, 20)
     _fake_run_dir(half, 1)
-    assert repeated.run_state(runs[1], done) == "finished"
-    assert repeated.run_state(runs[3], half) == "partial"
+    assert repeated.run_state(runs[2], done) == "finished" and runs[2].name == "detr_s1"
+    assert repeated.run_state(runs[3], half) == "partial" and runs[3].name == "deformable_s1"
     assert repeated.run_state(runs[0], tmp_path / "runs" / "detr_s0") == "new"
     launched = {}
 
@@ -212,3 +213,41 @@ def test_subset_spread_is_zero_for_perfect_detections_and_positive_for_noisy_one
     assert 0.2 < s["AP"]["mean"] < 0.8 and s["standard_error"]["AP"] > 0.01
     with pytest.raises(ValueError, match="fraction must be in"):
         subset_spread(gt, perfect, ds.image_ids(), fraction=1.0)
+
+
+def test_summary_sets_the_evaluation_noise_beside_the_seed_spread():
+    runs = [_run("deformable", s, [0.1, 0.2 + 0.02 * s], ap_s=0.05 + 0.01 * s) for s in range(3)]
+    se = {k: 0.005 for k in protocol.AP_KEYS}
+    g = protocol.summarize(runs, noise={"deformable": {"standard_error": se}})["groups"]["deformable"]
+    assert g["evaluation_noise"]["AP"]["seed_sd"] == pytest.approx(0.02)
+    assert g["evaluation_noise"]["AP"]["seed_sd_over_standard_error"] == pytest.approx(4.0)
+    assert g["evaluation_noise"]["AP_S"]["seed_sd_over_standard_error"] == pytest.approx(2.0)
+
+
+@pytest.mark.slow
+def test_seeds_command_end_to_end_records_exports_and_resumes(tmp_path):
+    tiny = [f"--train-arg={a}" for a in ("--d-model=32", "--n-heads=2", "--enc-layers=1", "--dec-layers=1",
+                                         "--dim-feedforward=64", "--num-queries=8", "--n-points=2",
+                                         "--batch-size=2", "--device=cpu", "--max-val-images=3")]
+    argv = ["--data", str(tmp_path / "toy"), "--num-train", "4", "--num-val", "3", "--image-size", "160",
+            "--pretrain-data", str(tmp_path / "pre"), "--pretrain-num-train", "4", "--pretrain-num-val", "2",
+            "--pretrain-epochs", "1", "--detr-epochs", "4", "--epoch-ratio", "2", "--drop-fraction", "0.5",
+            "--seeds", "0", "--extra", "single_scale", "--detr-eval-every", "2", "--runs-dir", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "record.json"), "--checkpoints-dir", str(tmp_path / "ck"), *tiny]
+    record = repeated.seeds(argv)
+    assert set(record["runs"]) == {"detr_s0", "deformable_s0", "single_scale_s0"}
+    d, f = record["runs"]["detr_s0"], record["runs"]["deformable_s0"]
+    assert d["finished"] and (d["epochs"], d["lr_drop"]) == (4, 2) and (f["epochs"], f["lr_drop"]) == (2, 1)
+    assert [r["epoch"] for r in d["curve"] if "AP" in r] == [2, 4] and all("loss" in r for r in d["curve"])
+    assert [r["lr"] for r in d["curve"]] == pytest.approx([2e-4, 2e-4, 2e-5, 2e-5])
+    assert "evaluation_noise" in d and record["summary"]["groups"]["detr"]["evaluation_noise"]["AP"]
+    manifest = checkpoints.read_manifest(tmp_path / "ck")
+    assert sorted(manifest) == ["deformable_s0_e000", "deformable_s0_e001", "deformable_s0_e002", "detr_s0_e000",
+                                "detr_s0_e002", "detr_s0_e004", "single_scale_s0_e002"]
+    model, _, info = checkpoints.load_trained("single_scale_s0_e002", tmp_path / "ck")
+    assert info["epoch"] == 2 and info["run"] == "single_scale_s0" and info["commit"] == record["commit"]
+    assert len(model.input_proj) == 1  # the single-scale control reads one map
+    before = (tmp_path / "runs" / "detr_s0" / "checkpoint.pth").read_bytes()
+    again = repeated.seeds([*argv, "--resume"])  # everything finished: nothing trains again
+    assert (tmp_path / "runs" / "detr_s0" / "checkpoint.pth").read_bytes() == before
+    assert again["runs"]["detr_s0"]["curve"] == d["curve"] and len(again["invocations"]) == 2

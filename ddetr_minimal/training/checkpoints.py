@@ -33,6 +33,7 @@ MODEL_ARGS = ("model", "backbone", "pretrained_backbone", "with_box_refine", "tw
 def write_trained(path, state: dict, args: dict, class_names, info: dict) -> None:
     """Write ``state`` (a model state dict; floats stored in half precision) with the model's
     hyper-parameters ``args`` (only :data:`MODEL_ARGS` are kept), its class names and ``info``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     half = {k: v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu() for k, v in state.items()}
     save_atomic({"model": half, "args": {k: args[k] for k in MODEL_ARGS if k in args},
                  "class_names": list(class_names), "info": dict(info)}, Path(path))

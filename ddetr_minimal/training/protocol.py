@@ -79,7 +79,8 @@ def snapshot_epochs(epochs: int, fractions=(0.0, 0.1, 0.5, 1.0)) -> list[int]:
 def plan(detr_epochs: int, seeds, drop_fraction: float = 0.8, epoch_ratio: int = 10,
          extra_groups=("single_scale", "refine", "two_stage"), extra_seeds=None,
          detr_eval_every: int = 5, short_eval_every: int = 1, snapshot_seed=None) -> list[Run]:
-    """Every run, longest first (so that runs side by side finish close together).
+    """Every run: first those of ``snapshot_seed`` (whose weights are kept), DETR first, then the
+    other seeds, longest first (so that runs side by side finish close together).
 
     DETR trains ``detr_epochs``; Deformable DETR and ``extra_groups`` train
     ``detr_epochs / epoch_ratio`` (a whole number). Each drops its lr at ``drop_fraction`` of its
@@ -108,7 +109,7 @@ def plan(detr_epochs: int, seeds, drop_fraction: float = 0.8, epoch_ratio: int =
                 save = snapshot_epochs(epochs) if group in ("detr", "deformable") else [epochs]
             runs.append(Run(f"{group}_s{seed}", group, seed, epochs, schedule(epochs, drop_fraction),
                             max(1, min(every, epochs)), save))
-    return runs
+    return sorted(runs, key=lambda r: (r.seed != keep, r.group != "detr" if r.seed == keep else -r.epochs))
 
 
 # --------------------------------------------------------------------------------------
@@ -147,10 +148,12 @@ def group_summary(runs: list[dict], thresholds: dict) -> dict:
     return out
 
 
-def summarize(runs: list[dict], min_ap_s_gap: float = 0.05) -> dict:
+def summarize(runs: list[dict], min_ap_s_gap: float = 0.05, noise: dict | None = None) -> dict:
     """The summary of a record's finished runs (AP values are fractions in [0, 1]): per group
     the mean +- sd over seeds, epochs to AP 5, AP 10 and DETR's mean final AP, and the claims
-    checked as measured (None where a group has no finished run yet)."""
+    checked as measured (None where a group has no finished run yet). ``noise`` (``{group:
+    subset_spread of one run}``) adds, per group, the evaluation's standard error of the final
+    AP and AP_S next to the seeds' sd."""
     by_group: dict[str, list[dict]] = {}
     for r in runs:
         if r.get("finished"):
@@ -162,6 +165,13 @@ def summarize(runs: list[dict], min_ap_s_gap: float = 0.05) -> dict:
     if detr_final is not None:
         thresholds["DETR final AP"] = detr_final
     groups = {g: group_summary(rs, thresholds) for g, rs in by_group.items()}
+    for g, spread in (noise or {}).items():
+        if g in groups:
+            se = spread["standard_error"]
+            groups[g]["evaluation_noise"] = {
+                k: {"standard_error": se[k], "seed_sd": groups[g]["final"][k]["sd"],
+                    "seed_sd_over_standard_error": groups[g]["final"][k]["sd"] / se[k] if se[k] > 0 else None}
+                for k in ("AP", "AP_S")}
     claims = {"detr_mean_final_AP_at_least_10": None, "deformable_mean_final_AP_at_least_detr": None,
               "deformable_AP_S_gap": None, "deformable_AP_S_above_detr_by_5_points_and_2_summed_sd": None}
     if "detr" in groups:

@@ -128,6 +128,33 @@ def export_checkpoints(run: protocol.Run, run_dir: Path, record: dict, root: Pat
     return entries
 
 
+def evaluation_noise(run_dir: Path, threads: int, repeats: int = 20) -> dict:
+    """The spread of a finished run's final AP over halves of the validation images
+    (:func:`ddetr_minimal.training.noise.subset_spread`), computed once into ``noise.json``."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ..datasets.coco import build_dataset, collate_fn
+    from .noise import coco_results, subset_spread
+    from .train import build_model_from_args
+
+    cache = run_dir / "noise.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    torch.set_num_threads(threads)
+    ckpt = torch.load(run_dir / "checkpoint.pth", map_location="cpu", weights_only=False)
+    args = SimpleNamespace(**{**ckpt["args"], "pretrained_backbone": False})
+    dataset = build_dataset(args.data_path, "val", args.preset, args.image_size)
+    model, _, post = build_model_from_args(args, dataset.num_classes)
+    model.load_state_dict(ckpt["model"])
+    results = coco_results(model, post, DataLoader(dataset, batch_size=8, collate_fn=collate_fn), dataset)
+    spread = {"epoch": ckpt["epoch"], **subset_spread(dataset.coco_gt(), results, dataset.image_ids(), repeats)}
+    write_json(cache, spread)
+    return spread
+
+
 def seeds(argv=None) -> dict:
     """The ``seeds`` command; returns the record it wrote."""
     args = build_parser().parse_args(argv)
@@ -166,6 +193,7 @@ def seeds(argv=None) -> dict:
         for run, rec in zip(runs, records):
             if rec["finished"] and run.save_epochs:
                 manifest.update(export_checkpoints(run, runs_dir / run.name, rec, ck_root, started, args.force))
+                rec["evaluation_noise"] = evaluation_noise(runs_dir / run.name, args.threads)
         if manifest:
             checkpoints.write_manifest(ck_root, manifest, started)
         config = next((json.loads((runs_dir / r.name / "config.json").read_text()) for r in runs
@@ -178,7 +206,8 @@ def seeds(argv=None) -> dict:
                   "note": "AP values are fractions in [0, 1]; wall_seconds of a run sum its epochs' training and "
                           "evaluation over every invocation; the summary counts finished runs only.",
                   "runs": {r.name: rec for r, rec in zip(runs, records)},
-                  "summary": protocol.summarize(records)}
+                  "summary": protocol.summarize(records, noise={r["group"]: r["evaluation_noise"] for r in records
+                                                                if "evaluation_noise" in r})}
         write_json(out, record)
         return record
 
