@@ -251,3 +251,23 @@ def test_seeds_command_end_to_end_records_exports_and_resumes(tmp_path):
     again = repeated.seeds([*argv, "--resume"])  # everything finished: nothing trains again
     assert (tmp_path / "runs" / "detr_s0" / "checkpoint.pth").read_bytes() == before
     assert again["runs"]["detr_s0"]["curve"] == d["curve"] and len(again["invocations"]) == 2
+
+
+def test_an_existing_pretrained_backbone_is_reused_with_its_record(tmp_path):
+    from ddetr_minimal.datasets.synthetic import generate
+    from ddetr_minimal.training.pretrain import pretrain
+
+    pre = generate(tmp_path / "pre", num_train=2, num_val=2, image_size=160, seed=1, progress=False)
+    weights = tmp_path / "backbone.pth"
+    pretrain(pre, weights, epochs=1, batch_size=2, log=lambda *a: None)
+    base = ["--pretrain-data", str(pre), "--pretrain-num-train", "2", "--pretrain-num-val", "2",
+            "--image-size", "160", "--data", str(tmp_path / "toy")]
+    args = repeated.build_parser().parse_args([*base, "--backbone-weights", str(weights)])
+    record = repeated.pretrained_backbone(args, tmp_path / "runs")
+    assert record["weights"] == str(weights) and record["epochs"] == 1 and len(record["sha256"]) == 64
+    assert record["dataset"]["seed"] == 1 and not (tmp_path / "runs" / "backbone.pth").exists()
+    other = generate(tmp_path / "other", num_train=2, num_val=2, image_size=160, seed=2, progress=False)
+    args = repeated.build_parser().parse_args([*base[:1], str(other), *base[2:], "--pretrain-data-seed", "2",
+                                               "--backbone-weights", str(weights)])
+    with pytest.raises(SystemExit, match="was pretrained on"):
+        repeated.pretrained_backbone(args, tmp_path / "runs")

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-data-seed", type=int, default=1)
     p.add_argument("--pretrain-epochs", type=int, default=12)
     p.add_argument("--pretrain-seed", type=int, default=42)
+    p.add_argument("--backbone-weights", help="start every run from this file of python -m ddetr_minimal pretrain "
+                   "(made on --pretrain-data) instead of pretraining one into --runs-dir")
     p.add_argument("--lr-backbone", type=float, default=2e-5, help="the pretrained backbone's lr (a tenth of the lr)")
     p.add_argument("--detr-epochs", type=int, default=150)
     p.add_argument("--epoch-ratio", type=int, default=10, help="DETR's epochs / Deformable DETR's")
@@ -226,6 +228,22 @@ def pretrained_backbone(args, runs_dir: Path) -> dict:
     if Path(args.pretrain_data).resolve() == Path(args.data).resolve() or args.pretrain_data_seed == args.data_seed:
         raise SystemExit("--pretrain-data must be another dataset than --data, made with another seed "
                          "(the detectors' validation images must stay unseen)")
+    if args.backbone_weights:
+        import hashlib
+
+        import torch
+
+        path = Path(args.backbone_weights)
+        if not path.is_file():
+            raise SystemExit(f"--backbone-weights: {path} does not exist")
+        stored = {k: v for k, v in torch.load(path, map_location="cpu", weights_only=True).items() if k != "backbone"}
+        if Path(stored.get("data", "")).resolve() != Path(args.pretrain_data).resolve():
+            raise SystemExit(f"--backbone-weights: {path} was pretrained on {stored.get('data')!r}, "
+                             f"not on --pretrain-data {args.pretrain_data!r}")
+        info = ensure_dataset(Path(args.pretrain_data), args.pretrain_num_train, args.pretrain_num_val,
+                              args.image_size, args.pretrain_data_seed, args.clutter)
+        return {**stored, "weights": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "dataset": {"path": args.pretrain_data, **info}}
     weights, record_file = runs_dir / "backbone.pth", runs_dir / "backbone.json"
     if weights.is_file() and record_file.is_file() and not args.force:
         return json.loads(record_file.read_text())
@@ -238,7 +256,7 @@ def pretrained_backbone(args, runs_dir: Path) -> dict:
                           args.pretrain_data_seed, args.clutter)
     t0 = time.time()
     record = pretrain(args.pretrain_data, weights, epochs=args.pretrain_epochs, seed=args.pretrain_seed,
-                      threads=args.parallel * args.threads, log=lambda msg: print(msg, flush=True))
+                      threads=args.threads, log=lambda msg: print(msg, flush=True))
     record.update(weights=str(weights), wall_seconds=round(time.time() - t0, 1),
                   dataset={"path": args.pretrain_data, **info})
     write_json(record_file, record)
