@@ -123,9 +123,13 @@ def test_resume_skips_finished_runs_and_continues_partial_ones(tmp_path, monkeyp
     out = tmp_path / "record.json"
     argv = ["--detr-epochs", "20", "--drop-fraction", "0.5", "--seeds", "0,1", "--extra", "",
             "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--checkpoints-dir", str(tmp_path / "ck")]
+    crashed = tmp_path / "runs" / "deformable_s0"  # stopped after writing its first metrics, before a checkpoint
+    crashed.mkdir(parents=True)
+    (crashed / "metrics.jsonl").write_text("")
     record = repeated.seeds([*argv, "--resume"])
     assert sorted(launched) == ["deformable_s0", "deformable_s1", "detr_s0"]  # detr_s1 finished: not trained again
     assert "--resume" in launched["deformable_s1"] and "--resume" not in launched["detr_s0"]
+    assert "--force" in launched["deformable_s0"] and "--force" not in launched["detr_s0"]
     assert record["runs"]["detr_s1"]["finished"] and not record["runs"]["deformable_s1"]["finished"]
     assert record["runs"]["detr_s1"]["lr_drop"] == 10 and record["runs"]["deformable_s1"]["epochs"] == 2
     assert record["runs"]["detr_s1"]["seed"] == 1 and record["runs"]["deformable_s1"]["seed"] == 1

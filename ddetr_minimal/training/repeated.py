@@ -185,7 +185,9 @@ def seeds(argv=None) -> dict:
         states[run.name] = "new" if args.force else run_state(run, run_dir)
         flags = [*run.train_args(), "--output-dir", str(run_dir), *common]
         if states[run.name] != "finished" and (not only or run.name in only):
-            jobs[run.name] = flags + (["--resume"] if states[run.name] == "partial" else ["--force"] * args.force)
+            # a run that crashed before its first checkpoint has nothing to resume from: it starts over
+            fresh = args.force or (run_dir / "metrics.jsonl").exists()
+            jobs[run.name] = flags + (["--resume"] if states[run.name] == "partial" else ["--force"] * fresh)
         states[run.name] = (states[run.name], flags)
     print(f"{len(runs)} runs; to train now: {', '.join(jobs) or 'none'}; logs in {runs_dir}/<run>/log.txt", flush=True)
     manifest = {} if args.force else checkpoints.read_manifest(ck_root)
