@@ -140,6 +140,7 @@ def test_resume_skips_finished_runs_and_continues_partial_ones(tmp_path, monkeyp
         repeated.seeds(argv)
     again = repeated.seeds([*argv, "--resume"])
     assert len(again["invocations"]) == 2
+    assert repeated.seeds([*argv, "--table"]) == json.loads(out.read_text())  # only reads the record
 
 
 def test_trained_checkpoints_load_and_a_mismatch_names_the_file_and_keys(tmp_path):
@@ -275,3 +276,14 @@ def test_an_existing_pretrained_backbone_is_reused_with_its_record(tmp_path):
                                                "--backbone-weights", str(weights)])
     with pytest.raises(SystemExit, match="was pretrained on"):
         repeated.pretrained_backbone(args, tmp_path / "runs")
+
+
+def test_the_table_has_one_row_per_group_in_percent():
+    detr = [_run("detr", s, [0.1] * 9 + [0.1 + 0.01 * s], ap_s=0.01) for s in range(3)]
+    fast = [_run("deformable", s, [0.05, 0.12], ap_s=0.08) for s in range(3)]
+    summary = protocol.summarize(detr + fast)
+    rows = {r["group"]: r for r in protocol.table(summary)}
+    assert rows["detr"]["AP"] == pytest.approx((11.0, 1.0)) and rows["deformable"]["AP_S"] == pytest.approx((8.0, 0.0))
+    assert rows["deformable"]["epochs_to_detr_final"] == (2, 3) and rows["detr"]["epochs"] == 10
+    text = protocol.format_table(summary)
+    assert len(text.splitlines()) == 3 and "11.0 ± 1.0" in text and "2.0 (3/3)" in text

@@ -183,3 +183,30 @@ def summarize(runs: list[dict], min_ap_s_gap: float = 0.05, noise: dict | None =
         claims["deformable_AP_S_gap"] = {"gap": gap, "summed_sd": summed_sd, "min_gap": min_ap_s_gap}
         claims["deformable_AP_S_above_detr_by_5_points_and_2_summed_sd"] = gap >= min_ap_s_gap and gap > 2 * summed_sd
     return {"detr_mean_final_AP": detr_final, "groups": groups, "claims": claims}
+
+
+def table(summary: dict) -> list[dict]:
+    """One row per summarized group: seeds, epochs, lr drop, final AP and AP_S as mean +- sd
+    (percent), epochs to DETR's final AP (mean, and how many seeds reached it), mean wall seconds."""
+    rows = []
+    for group, g in summary["groups"].items():
+        reach = g["epochs_to"].get("DETR final AP", {})
+        rows.append({"group": group, "seeds": len(g["seeds"]), "epochs": g["epochs"], "lr_drop": g["lr_drop"],
+                     **{k: (100 * g["final"][k]["mean"], 100 * g["final"][k]["sd"]) for k in ("AP", "AP_S")},
+                     "epochs_to_detr_final": (reach.get("mean"), reach.get("reached", 0)),
+                     "wall_seconds": g["wall_seconds"]["mean"]})
+    return rows
+
+
+def format_table(summary: dict) -> str:
+    """:func:`table` as aligned text."""
+    lines = [f"{'group':13s} {'seeds':>5s} {'epochs':>6s} {'drop':>4s} {'AP':>12s} {'AP_S':>12s} "
+             f"{'to DETR AP':>12s} {'wall s':>7s}"]
+    for r in table(summary):
+        mean, reached = r["epochs_to_detr_final"]
+        reach = f"{mean:.1f} ({reached}/{r['seeds']})" if mean is not None else f"- (0/{r['seeds']})"
+        wall = f"{r['wall_seconds']:.0f}" if r["wall_seconds"] is not None else "-"
+        lines.append(f"{r['group']:13s} {r['seeds']:5d} {r['epochs']:6d} {r['lr_drop']:4d} "
+                     f"{r['AP'][0]:6.1f} ± {r['AP'][1]:3.1f} {r['AP_S'][0]:6.1f} ± {r['AP_S'][1]:3.1f} "
+                     f"{reach:>12s} {wall:>7s}")
+    return "\n".join(lines)

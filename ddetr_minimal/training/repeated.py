@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resume", action="store_true", help="continue: finished runs are read, the others resume")
     p.add_argument("--force", action="store_true", help="start every run, the record and the checkpoints over")
+    p.add_argument("--table", action="store_true", help="print the summary table of the --out record and stop")
     p.add_argument("--only", help="comma-separated run names to train now (the others are only read)")
     p.add_argument("--train-arg", action="append", default=[],
                    help="extra flag for every training, e.g. --train-arg=--batch-size=8 (repeatable)")
@@ -160,6 +161,10 @@ def evaluation_noise(run_dir: Path, threads: int, repeats: int = 20) -> dict:
 def seeds(argv=None) -> dict:
     """The ``seeds`` command; returns the record it wrote."""
     args = build_parser().parse_args(argv)
+    if args.table:
+        record = json.loads(Path(args.out).read_text())
+        print(protocol.format_table(record["summary"]))
+        return record
     if args.resume and args.force:
         raise SystemExit("--resume and --force contradict each other; pick one")
     extra = [g for g in args.extra.split(",") if g]
@@ -219,6 +224,7 @@ def seeds(argv=None) -> dict:
     record = run_jobs(jobs, runs_dir, args.parallel, args.threads, lambda name: write_record(time.time() - t0))
     record = write_record(time.time() - t0)
     print(f"wrote {out}", flush=True)
+    print(protocol.format_table(record["summary"]), flush=True)
     print(json.dumps(record["summary"]["claims"], indent=1), flush=True)
     return record
 
