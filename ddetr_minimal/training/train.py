@@ -64,11 +64,11 @@ CONFIG = "config.json"
 
 PRESETS = {
     "toy": dict(data_path="data/toy", backbone="small", pretrained_backbone=False, d_model=64, n_heads=4,
-                enc_layers=2, dec_layers=3, dim_feedforward=256, dropout=0.0, num_queries=30, n_points=4,
+                enc_layers=2, dec_layers=3, dim_feedforward=256, dropout=0.0, num_queries=30, n_points=4, n_levels=4,
                 lr=2e-4, lr_backbone=2e-4, lr_linear_proj_mult=0.1, weight_decay=1e-4, clip_max_norm=0.1,
                 batch_size=4, epochs=50, lr_drop=40, eval_every=5, image_size=None),
     "coco": dict(data_path=None, backbone="resnet50", pretrained_backbone=True, d_model=256, n_heads=8,
-                 enc_layers=6, dec_layers=6, dim_feedforward=1024, dropout=0.1, num_queries=300, n_points=4,
+                 enc_layers=6, dec_layers=6, dim_feedforward=1024, dropout=0.1, num_queries=300, n_points=4, n_levels=4,
                  lr=2e-4, lr_backbone=2e-5, lr_linear_proj_mult=0.1, weight_decay=1e-4, clip_max_norm=0.1,
                  batch_size=4, epochs=50, lr_drop=40, eval_every=1, image_size=None),
 }
@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backbone-weights", help="start the backbone from a file written by python -m "
                    "ddetr_minimal.training.pretrain (the small CNN's analogue of ImageNet weights)")
     for name, typ in (("d_model", int), ("n_heads", int), ("enc_layers", int), ("dec_layers", int),
-                      ("dim_feedforward", int), ("dropout", float), ("num_queries", int), ("n_points", int)):
+                      ("dim_feedforward", int), ("dropout", float), ("num_queries", int), ("n_points", int),
+                      ("n_levels", int)):
         m.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
     m.add_argument("--with-box-refine", action="store_true", help="iterative bounding-box refinement")
     m.add_argument("--two-stage", action="store_true", help="two-stage Deformable DETR")
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-aux-loss", dest="aux_loss", action="store_false", help="no per-decoder-layer losses")
     r = p.add_argument_group("run")
     r.add_argument("--eval-epochs", help="comma-separated epochs to evaluate at, besides every --eval-every")
+    r.add_argument("--save-epochs", help="comma-separated epochs whose model weights are also kept, in half "
+                   "precision, as <output-dir>/model_e<epoch>.pth (0: the initialisation)")
     r.add_argument("--image-size", type=int, help="toy image side, sets the random crop (default: read from "
                    "the dataset's dataset_info.json, else 256)")
     r.add_argument("--max-train-images", type=int, help="use only the first N training images")
@@ -136,10 +139,14 @@ def resolve_args(argv=None) -> argparse.Namespace:
     if args.image_size is None:
         info = Path(args.data_path) / "dataset_info.json"
         args.image_size = json.loads(info.read_text())["image_size"] if info.is_file() else 256
-    try:
-        args.eval_epochs = sorted({int(e) for e in args.eval_epochs.split(",") if e.strip()}) if args.eval_epochs else []
-    except ValueError:
-        raise SystemExit(f"--eval-epochs must be comma-separated integers, got {args.eval_epochs!r}") from None
+    for name in ("eval_epochs", "save_epochs"):
+        text = getattr(args, name)
+        try:
+            setattr(args, name, sorted({int(e) for e in text.split(",") if e.strip()}) if text else [])
+        except ValueError:
+            raise SystemExit(f"--{name.replace('_', '-')} must be comma-separated integers, got {text!r}") from None
+    if any(not 0 <= e <= args.epochs for e in args.save_epochs):
+        raise SystemExit(f"--save-epochs must lie in 0..{args.epochs} (--epochs), got {args.save_epochs}")
     if args.output_dir is None:
         args.output_dir = os.path.join("data", "runs", args.model)
     if args.model == "detr" and (args.with_box_refine or args.two_stage):
@@ -214,6 +221,18 @@ def set_rng_state(state: dict, loader_generator: torch.Generator) -> None:
     loader_generator.set_state(state["loader"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def weights_file(out: Path, epoch: int) -> Path:
+    """Where ``--save-epochs`` keeps the weights after ``epoch`` (0: the initialisation)."""
+    return Path(out) / f"model_e{epoch:03d}.pth"
+
+
+def save_weights(model: torch.nn.Module, out: Path, epoch: int) -> None:
+    """The model's weights in half precision (integer buffers unchanged), atomically."""
+    state = {k: v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()
+             for k, v in model.state_dict().items()}
+    save_atomic(state, weights_file(out, epoch))
 
 
 def _write_lines_atomic(path: Path, lines: list[str]) -> None:
@@ -325,6 +344,8 @@ def main(argv=None) -> dict:
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
     history = []
+    if this_rank == 0 and start_epoch == 0 and 0 in args.save_epochs:
+        save_weights(model, out, 0)
     if this_rank == 0:
         (out / CONFIG).write_text(json.dumps(vars(args), indent=2))
         if args.resume and (out / METRICS).exists():  # forget epochs the checkpoint does not hold
@@ -362,6 +383,8 @@ def main(argv=None) -> dict:
                          "scaler": scaler.state_dict() if scaler is not None else None,
                          "epoch": epoch + 1, "args": vars(args), "rng": rngs,
                          "class_names": train_set.class_names, "cat_ids": train_set.cat_ids}, out / CHECKPOINT)
+            if epoch + 1 in args.save_epochs:
+                save_weights(model, out, epoch + 1)
             msg = f"epoch {epoch + 1}/{args.epochs} loss {stats['loss']:.4f} ({line['train_seconds']:.0f}s)"
             if "AP" in line:
                 msg += "  " + format_metrics(line)

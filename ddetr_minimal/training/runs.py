@@ -1,0 +1,60 @@
+"""Pieces shared by the recorded experiments: the toy dataset they use, a run's curve, a training
+started as a subprocess with its log."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from ..datasets.synthetic import INFO_FILE, generate
+
+AP_KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
+
+
+def ensure_dataset(root: Path, num_train: int, num_val: int, image_size: int, seed: int,
+                   clutter: float = 1.0) -> dict:
+    """Generate the toy dataset at ``root`` unless it is there; return its ``dataset_info.json``.
+    An existing dataset made with other parameters is an error (never regenerated silently)."""
+    info_path = root / INFO_FILE
+    if not info_path.is_file():
+        generate(root, num_train, num_val, image_size, seed, clutter=clutter)
+    info = json.loads(info_path.read_text())
+    info.setdefault("clutter", 1.0)  # datasets written before the option existed have full clutter
+    wanted = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed,
+              "clutter": clutter}
+    differs = {k: (info.get(k), v) for k, v in wanted.items() if info.get(k) != v}
+    if differs:
+        raise SystemExit(f"{root} holds a toy dataset made with other parameters {differs} (found, wanted); "
+                         "point --data elsewhere or regenerate it with python -m ddetr_minimal synthetic --force")
+    return info
+
+
+def read_curve(run_dir: Path) -> list[dict]:
+    """The per-epoch records of a run: epoch, lr, train loss, val loss, AP metrics, seconds."""
+    curve = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        row = {"epoch": rec["epoch"], "lr": rec["lr"], "loss": rec["train_loss"],
+               "train_seconds": rec["train_seconds"]}
+        for k in (*AP_KEYS, "val_loss", "eval_seconds", "cpu_seconds"):
+            if k in rec:
+                row[k] = rec[k]
+        curve.append(row)
+    return curve
+
+
+def launch(name: str, train_args: list[str], run_dir: Path, threads: int) -> subprocess.Popen:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir / "log.txt", "a")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "ddetr_minimal", "train", *train_args]
+    log.write(f"$ {shlex.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc.run_name, proc.log_file = name, log
+    return proc
+
+
