@@ -42,7 +42,7 @@ from pathlib import Path
 
 
 from ..measure.records import provenance, write_json
-from .runs import AP_KEYS, ensure_dataset, launch as _launch, read_curve
+from .runs import AP_KEYS, add_toy_data_arguments, ensure_dataset, launch as _launch, read_curve
 
 VARIANTS = {"refine": ["--with-box-refine"], "two_stage": ["--with-box-refine", "--two-stage"]}
 
@@ -130,17 +130,7 @@ def convergence(argv=None) -> dict:
     """The ``convergence`` command; returns what it wrote."""
     p = argparse.ArgumentParser(prog="python -m ddetr_minimal experiments convergence",
                                 description="DETR vs Deformable DETR convergence on the toy dataset.")
-    p.add_argument("--data", default="data/toy_convergence", help="toy dataset folder (generated when missing)")
-    p.add_argument("--num-train", type=int, default=400)
-    p.add_argument("--num-val", type=int, default=150)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--clutter", type=float, default=1.0, help="background clutter of the toy images, 0 to 1")
-    p.add_argument("--pretrain-data", default="data/toy_pretrain",
-                   help="toy dataset for pretraining the backbone (generated when missing)")
-    p.add_argument("--pretrain-num-train", type=int, default=1500)
-    p.add_argument("--pretrain-num-val", type=int, default=200)
-    p.add_argument("--pretrain-data-seed", type=int, default=1)
+    add_toy_data_arguments(p, num_val=150, pretrain_num_val=200)
     p.add_argument("--pretrain-epochs", type=int, default=12,
                    help="epochs of backbone pretraining; 0 trains both detectors' backbones from scratch")
     p.add_argument("--lr-backbone", type=float, default=None,

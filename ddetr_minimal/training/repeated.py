@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ..measure.records import provenance, write_json
 from . import checkpoints, protocol
-from .runs import ensure_dataset, launch as _launch, read_curve
+from .runs import add_toy_data_arguments, ensure_dataset, launch as _launch, read_curve
 
 SHARED_KEYS = ("preset", "backbone", "d_model", "n_heads", "enc_layers", "dec_layers", "dim_feedforward",
                "dropout", "num_queries", "n_points", "lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay",
@@ -42,16 +42,7 @@ SHARED_KEYS = ("preset", "backbone", "d_model", "n_heads", "enc_layers", "dec_la
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddetr_minimal experiments seeds",
                                 description="DETR vs Deformable DETR convergence over seeds, each on its own schedule.")
-    p.add_argument("--data", default="data/toy_convergence", help="toy dataset folder (generated when missing)")
-    p.add_argument("--num-train", type=int, default=400)
-    p.add_argument("--num-val", type=int, default=1000)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--clutter", type=float, default=1.0)
-    p.add_argument("--pretrain-data", default="data/toy_pretrain")
-    p.add_argument("--pretrain-num-train", type=int, default=1500)
-    p.add_argument("--pretrain-num-val", type=int, default=300)
-    p.add_argument("--pretrain-data-seed", type=int, default=1)
+    add_toy_data_arguments(p, num_val=1000, pretrain_num_val=300)
     p.add_argument("--pretrain-epochs", type=int, default=12)
     p.add_argument("--pretrain-seed", type=int, default=42)
     p.add_argument("--backbone-weights", help="start every run from this file of python -m ddetr_minimal pretrain "

@@ -58,3 +58,16 @@ def launch(name: str, train_args: list[str], run_dir: Path, threads: int) -> sub
     return proc
 
 
+def add_toy_data_arguments(p, num_val: int, pretrain_num_val: int) -> None:
+    """The experiments' shared flags: the toy dataset, and the one the backbone is pretrained on."""
+    p.add_argument("--data", default="data/toy_convergence", help="toy dataset folder (generated when missing)")
+    p.add_argument("--num-train", type=int, default=400)
+    p.add_argument("--num-val", type=int, default=num_val)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--clutter", type=float, default=1.0, help="background clutter of the toy images, 0 to 1")
+    p.add_argument("--pretrain-data", default="data/toy_pretrain",
+                   help="toy dataset for pretraining the backbone (generated when missing)")
+    p.add_argument("--pretrain-num-train", type=int, default=1500)
+    p.add_argument("--pretrain-num-val", type=int, default=pretrain_num_val)
+    p.add_argument("--pretrain-data-seed", type=int, default=1)
