@@ -52,9 +52,9 @@ def tags(cell):
 # Long lines
 # --------------------------------------------------------------------------------------
 def _wrap_comment(indent: str, text: str):
+    """A comment's text as ``# ...`` lines that fit WIDTH (empty for an empty comment)."""
     body = text.lstrip("#").strip()
-    return textwrap.wrap(body, WIDTH - len(indent) - 2, break_long_words=False) and [
-        f"{indent}# {line}" for line in textwrap.wrap(body, WIDTH - len(indent) - 2, break_long_words=False)]
+    return [f"{indent}# {line}" for line in textwrap.wrap(body, WIDTH - len(indent) - 2, break_long_words=False)]
 
 
 def _comment_start(line: str):
