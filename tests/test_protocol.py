@@ -119,7 +119,7 @@ def test_resume_skips_finished_runs_and_continues_partial_ones(tmp_path, monkeyp
 
     monkeypatch.setattr(repeated, "run_jobs", fake_run_jobs)
     monkeypatch.setattr(repeated, "pretrained_backbone", lambda args, d: {"weights": str(d / "backbone.pth")})
-    monkeypatch.setattr(repeated, "ensure_dataset", lambda *a: {"num_train": 4})
+    monkeypatch.setattr(repeated, "toy_dataset", lambda *a, **k: {"num_train": 4})
     out = tmp_path / "record.json"
     argv = ["--detr-epochs", "20", "--drop-fraction", "0.5", "--seeds", "0,1", "--extra", "",
             "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--checkpoints-dir", str(tmp_path / "ck")]

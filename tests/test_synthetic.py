@@ -134,3 +134,33 @@ def test_command_line(tmp_path, capsys):
     assert "2 train, 2 val" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         synthetic.main(["--out", str(out), "--num-train", "2", "--num-val", "2", "--image-size", "160"])
+
+
+def test_small_sides_change_only_the_small_objects_and_are_recorded(tmp_path):
+    """``small_sides`` draws the small bucket's sides from its range, is written to
+    dataset_info.json, and a bad range is refused naming the argument."""
+    import json
+
+    import numpy as np
+    import pytest
+
+    from ddetr_minimal.datasets import synthetic
+
+    out = synthetic.generate(tmp_path / "toy", num_train=30, num_val=1, image_size=160,
+                             progress=False, small_sides=(20, 22))
+    info = json.loads((out / synthetic.INFO_FILE).read_text())
+    assert info["small_sides"] == [20.0, 22.0]
+    coco = json.loads((out / "annotations" / "instances_train.json").read_text())
+    sides = np.array([max(a["bbox"][2], a["bbox"][3]) for a in coco["annotations"]])
+    small = sides[sides < 32]
+    # a nominal side of 20..22 px gives boxes of about that size (triangles a little less,
+    # rotated squares a little more); nothing under 14 px, unlike the default 10..24
+    assert len(small) > 0 and small.min() >= 14, small
+    default = synthetic.generate(tmp_path / "default", num_train=30, num_val=1, image_size=160,
+                                 progress=False)
+    coco0 = json.loads((default / "annotations" / "instances_train.json").read_text())
+    assert min(max(a["bbox"][2], a["bbox"][3]) for a in coco0["annotations"]) < 14
+    for bad in ((30, 20), (2, 10), (10, 40), ("a", 3), 5):
+        with pytest.raises(ValueError, match="small_sides"):
+            synthetic.generate(tmp_path / "bad", num_train=1, num_val=1, progress=False, small_sides=bad)
+    assert not (tmp_path / "bad").exists()

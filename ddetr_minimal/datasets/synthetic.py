@@ -118,17 +118,19 @@ def _contrasting_colour(rng: np.random.Generator, region: np.ndarray) -> np.ndar
 # --------------------------------------------------------------------------------------
 # One image
 # --------------------------------------------------------------------------------------
-def _sample_size(rng: np.random.Generator, bucket: str, image_size: int) -> float:
-    lo, hi = BUCKETS[bucket]
+def _sample_size(rng: np.random.Generator, bucket: str, image_size: int, small_sides=None) -> float:
+    lo, hi = small_sides if bucket == "small" and small_sides is not None else BUCKETS[bucket]
     hi = min(hi, (image_size - 6) / 1.5)  # room for a rotated square inside the image
     lo = min(lo, hi)
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
-def make_image(rng: np.random.Generator, image_size: int, max_objects: int, clutter: float = 1.0):
+def make_image(rng: np.random.Generator, image_size: int, max_objects: int, clutter: float = 1.0,
+               small_sides=None):
     """Render one image; return ``(rgb (H, W, 3) uint8, objects)`` with objects as
     ``(class_index, (x, y, w, h))`` in COCO pixel convention. ``clutter`` in [0, 1] scales the
-    background's blobs and lines and the pixel noise (1: the full clutter, 0: a plain gradient)."""
+    background's blobs and lines and the pixel noise (1: the full clutter, 0: a plain gradient).
+    ``small_sides`` ``(lo, hi)`` replaces the nominal sides of the small bucket (``BUCKETS``)."""
     rgb = _background(rng, image_size, clutter).astype(np.int16)
     n_wanted = int(rng.integers(1, max_objects + 1))
     visible: list[np.ndarray] = []  # visible mask of each placed object
@@ -141,7 +143,7 @@ def make_image(rng: np.random.Generator, image_size: int, max_objects: int, clut
         bucket = names[int(rng.choice(len(names), p=probs / probs.sum()))]
         if bucket == "large" and has_large:
             bucket = "medium"
-        size = _sample_size(rng, bucket, image_size)
+        size = _sample_size(rng, bucket, image_size, small_sides)
         kind = int(rng.integers(len(CLASSES)))
         angle = float(rng.uniform(-math.pi / 9, math.pi / 9)) if CLASSES[kind] != "triangle" else float(rng.uniform(0, 2 * math.pi))
         for _try in range(20):
@@ -176,7 +178,8 @@ def make_image(rng: np.random.Generator, image_size: int, max_objects: int, clut
 # The dataset on disk
 # --------------------------------------------------------------------------------------
 def _write_split(out_dir: Path, split: str, num_images: int, image_size: int, max_objects: int,
-                 seed_seq: np.random.SeedSequence, progress: bool, clutter: float = 1.0) -> dict:
+                 seed_seq: np.random.SeedSequence, progress: bool, clutter: float = 1.0,
+                 small_sides=None) -> dict:
     img_dir = out_dir / split
     img_dir.mkdir(parents=True)
     images, annotations = [], []
@@ -184,7 +187,7 @@ def _write_split(out_dir: Path, split: str, num_images: int, image_size: int, ma
     children = seed_seq.spawn(num_images)
     for i in tqdm(range(num_images), desc=f"toy {split}", disable=not progress, unit="img"):
         rng = np.random.default_rng(children[i])
-        rgb, objects = make_image(rng, image_size, max_objects, clutter)
+        rgb, objects = make_image(rng, image_size, max_objects, clutter, small_sides)
         file_name = f"{i:06d}.jpg"
         Image.fromarray(rgb).save(img_dir / file_name, quality=92)
         images.append({"id": i + 1, "file_name": file_name, "width": image_size, "height": image_size})
@@ -201,6 +204,20 @@ def _write_split(out_dir: Path, split: str, num_images: int, image_size: int, ma
     return coco
 
 
+def check_small_sides(small_sides) -> tuple[float, float]:
+    """``small_sides`` as ``(lo, hi)`` floats (None: ``BUCKETS["small"]``), or a ValueError
+    naming it: two numbers with 4 <= lo <= hi <= 31 (a side of 32 px or more is not small)."""
+    if small_sides is None:
+        return BUCKETS["small"]
+    try:
+        lo, hi = (float(x) for x in small_sides)
+    except (TypeError, ValueError):
+        raise ValueError(f"small_sides must be two numbers (lo, hi), got {small_sides!r}") from None
+    if not 4.0 <= lo <= hi <= 31.0:
+        raise ValueError(f"small_sides must satisfy 4 <= lo <= hi <= 31 pixels, got {small_sides!r}")
+    return lo, hi
+
+
 def area_histogram(coco: dict) -> dict:
     """Count annotations per COCO area bucket (small < 32^2 <= medium <= 96^2 < large)."""
     counts = {"small": 0, "medium": 0, "large": 0}
@@ -212,12 +229,14 @@ def area_histogram(coco: dict) -> dict:
 
 def generate(out_dir: str | os.PathLike = "data/toy", num_train: int = 1000, num_val: int = 200,
              image_size: int = 256, seed: int = 0, max_objects: int = 5, force: bool = False,
-             progress: bool = True, clutter: float = 1.0) -> Path:
+             progress: bool = True, clutter: float = 1.0, small_sides=None) -> Path:
     """Write the toy dataset under ``out_dir``; return the folder.
 
     Refuses (``FileExistsError``) when ``out_dir`` exists and is not empty, unless ``force``;
     even with ``force`` it only replaces a folder that holds a previously generated toy
     dataset (recognised by its ``dataset_info.json``), never an arbitrary folder.
+    ``small_sides`` ``(lo, hi)``: the nominal sides (pixels) of small objects, default
+    ``BUCKETS["small"]``.
     """
     for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1),
                              ("max_objects", max_objects, 1), ("image_size", image_size, MIN_IMAGE_SIZE)):
@@ -225,6 +244,7 @@ def generate(out_dir: str | os.PathLike = "data/toy", num_train: int = 1000, num
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not isinstance(clutter, (int, float)) or isinstance(clutter, bool) or not 0.0 <= clutter <= 1.0:
         raise ValueError(f"clutter must be a number in [0, 1], got {clutter!r}")
+    small_sides = check_small_sides(small_sides)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -240,13 +260,22 @@ def generate(out_dir: str | os.PathLike = "data/toy", num_train: int = 1000, num
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     seq_train, seq_val = np.random.SeedSequence(seed).spawn(2)
-    train = _write_split(out, "train", num_train, image_size, max_objects, seq_train, progress, clutter)
-    val = _write_split(out, "val", num_val, image_size, max_objects, seq_val, progress, clutter)
+    train = _write_split(out, "train", num_train, image_size, max_objects, seq_train, progress, clutter, small_sides)
+    val = _write_split(out, "val", num_val, image_size, max_objects, seq_val, progress, clutter, small_sides)
     info = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed,
-            "max_objects": max_objects, "clutter": clutter, "classes": list(CLASSES),
+            "max_objects": max_objects, "clutter": clutter, "small_sides": list(small_sides),
+            "classes": list(CLASSES),
             "area_histogram": {"train": area_histogram(train), "val": area_histogram(val)}}
     (out / INFO_FILE).write_text(json.dumps(info, indent=2))
     return out
+
+
+def parse_sides(text: str) -> tuple[float, float]:
+    """``"14,28"`` -> ``(14.0, 28.0)`` for the command lines' ``--small-sides``."""
+    try:
+        return check_small_sides(text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv=None) -> None:
@@ -260,11 +289,14 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clutter", type=float, default=1.0,
                    help="background clutter and noise, 0 (plain gradient) to 1 (default, the most)")
+    p.add_argument("--small-sides", type=parse_sides, default=None,
+                   help=f"nominal sides of small objects, lo,hi in pixels (default {BUCKETS['small'][0]:g},"
+                        f"{BUCKETS['small'][1]:g})")
     p.add_argument("--force", action="store_true", help="replace an existing generated dataset")
     args = p.parse_args(argv)
     try:
         out = generate(args.out, args.num_train, args.num_val, args.image_size, args.seed,
-                       args.max_objects, args.force, clutter=args.clutter)
+                       args.max_objects, args.force, clutter=args.clutter, small_sides=args.small_sides)
     except (FileExistsError, ValueError) as err:
         p.error(str(err))
     info = json.loads((out / INFO_FILE).read_text())

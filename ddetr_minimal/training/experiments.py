@@ -42,7 +42,7 @@ from pathlib import Path
 
 
 from ..measure.records import provenance, write_json
-from .runs import AP_KEYS, add_toy_data_arguments, ensure_dataset, launch as _launch, read_curve
+from .runs import AP_KEYS, add_toy_data_arguments, launch as _launch, read_curve, toy_dataset
 
 VARIANTS = {"refine": ["--with-box-refine"], "two_stage": ["--with-box-refine", "--two-stage"]}
 
@@ -90,8 +90,7 @@ def pretrain_backbone(args, runs_dir: Path) -> dict:
             raise SystemExit(f"{weights} exists from an earlier run; pass --resume to reuse it or --force to redo it")
         else:
             return json.loads(record_file.read_text())
-    info = ensure_dataset(data, args.pretrain_num_train, args.pretrain_num_val, args.image_size,
-                          args.pretrain_data_seed, args.clutter)
+    info = toy_dataset(args, pretrain=True)
     print(f"pretraining the backbone on {data} ({args.pretrain_epochs} epochs)", flush=True)
     t0 = time.time()
     record = pretrain(data, weights, epochs=args.pretrain_epochs, seed=args.seed, threads=args.parallel * args.threads,
@@ -168,7 +167,7 @@ def convergence(argv=None) -> dict:
     started = provenance(["python", "-m", "ddetr_minimal", "experiments", "convergence",
                           *(argv if argv is not None else sys.argv[1:])])
     data = Path(args.data)
-    info = ensure_dataset(data, args.num_train, args.num_val, args.image_size, args.data_seed, args.clutter)
+    info = toy_dataset(args)
     runs_dir = Path(args.runs_dir)
     common = ["--preset", "toy", "--data-path", str(data), "--lr-drop", str(args.lr_drop),
               "--eval-every", "1", "--seed", str(args.seed), "--threads", str(args.threads), "--no-progress"]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ..measure.records import provenance, write_json
 from . import checkpoints, protocol
-from .runs import add_toy_data_arguments, ensure_dataset, launch as _launch, read_curve
+from .runs import add_toy_data_arguments, launch as _launch, read_curve, toy_dataset
 
 SHARED_KEYS = ("preset", "backbone", "d_model", "n_heads", "enc_layers", "dec_layers", "dim_feedforward",
                "dropout", "num_queries", "n_points", "lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay",
@@ -171,7 +171,7 @@ def seeds(argv=None) -> dict:
     started = provenance(["python", "-m", "ddetr_minimal", "experiments", "seeds",
                           *(argv if argv is not None else sys.argv[1:])])
     earlier = json.loads(out.read_text()).get("invocations", []) if out.exists() and args.resume else []
-    info = ensure_dataset(Path(args.data), args.num_train, args.num_val, args.image_size, args.data_seed, args.clutter)
+    info = toy_dataset(args)
     backbone = pretrained_backbone(args, runs_dir)
     common = ["--preset", "toy", "--data-path", args.data, "--threads", str(args.threads), "--no-progress",
               "--backbone-weights", backbone["weights"], "--lr-backbone", str(args.lr_backbone), *args.train_arg]
@@ -239,8 +239,7 @@ def pretrained_backbone(args, runs_dir: Path) -> dict:
         if Path(stored.get("data", "")).resolve() != Path(args.pretrain_data).resolve():
             raise SystemExit(f"--backbone-weights: {path} was pretrained on {stored.get('data')!r}, "
                              f"not on --pretrain-data {args.pretrain_data!r}")
-        info = ensure_dataset(Path(args.pretrain_data), args.pretrain_num_train, args.pretrain_num_val,
-                              args.image_size, args.pretrain_data_seed, args.clutter)
+        info = toy_dataset(args, pretrain=True)
         return {**stored, "weights": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                 "dataset": {"path": args.pretrain_data, **info}}
     weights, record_file = runs_dir / "backbone.pth", runs_dir / "backbone.json"
@@ -251,8 +250,7 @@ def pretrained_backbone(args, runs_dir: Path) -> dict:
             raise SystemExit(f"{weights} exists without its {record_file.name}; pass --force to redo it")
         weights.unlink()
     runs_dir.mkdir(parents=True, exist_ok=True)
-    info = ensure_dataset(Path(args.pretrain_data), args.pretrain_num_train, args.pretrain_num_val, args.image_size,
-                          args.pretrain_data_seed, args.clutter)
+    info = toy_dataset(args, pretrain=True)
     t0 = time.time()
     record = pretrain(args.pretrain_data, weights, epochs=args.pretrain_epochs, seed=args.pretrain_seed,
                       threads=args.threads, log=lambda msg: print(msg, flush=True))

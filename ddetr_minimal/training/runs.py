@@ -9,27 +9,39 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..datasets.synthetic import INFO_FILE, generate
+from ..datasets.synthetic import BUCKETS, INFO_FILE, generate, parse_sides
 
 AP_KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 
 
 def ensure_dataset(root: Path, num_train: int, num_val: int, image_size: int, seed: int,
-                   clutter: float = 1.0) -> dict:
+                   clutter: float = 1.0, small_sides=None) -> dict:
     """Generate the toy dataset at ``root`` unless it is there; return its ``dataset_info.json``.
     An existing dataset made with other parameters is an error (never regenerated silently)."""
     info_path = root / INFO_FILE
+    small_sides = [float(x) for x in (small_sides or BUCKETS["small"])]
     if not info_path.is_file():
-        generate(root, num_train, num_val, image_size, seed, clutter=clutter)
+        generate(root, num_train, num_val, image_size, seed, clutter=clutter, small_sides=small_sides)
     info = json.loads(info_path.read_text())
-    info.setdefault("clutter", 1.0)  # datasets written before the option existed have full clutter
+    info.setdefault("clutter", 1.0)  # datasets written before the options existed have full clutter
+    info.setdefault("small_sides", list(BUCKETS["small"]))  # and the first small sides
     wanted = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed,
-              "clutter": clutter}
+              "clutter": clutter, "small_sides": small_sides}
     differs = {k: (info.get(k), v) for k, v in wanted.items() if info.get(k) != v}
     if differs:
         raise SystemExit(f"{root} holds a toy dataset made with other parameters {differs} (found, wanted); "
                          "point --data elsewhere or regenerate it with python -m ddetr_minimal synthetic --force")
     return info
+
+
+def toy_dataset(args, pretrain: bool = False) -> dict:
+    """:func:`ensure_dataset` for the flags of :func:`add_toy_data_arguments`: the detectors'
+    dataset (``--data``), or the backbone's (``--pretrain-data``) when ``pretrain``."""
+    if pretrain:
+        return ensure_dataset(Path(args.pretrain_data), args.pretrain_num_train, args.pretrain_num_val,
+                              args.image_size, args.pretrain_data_seed, args.clutter, args.small_sides)
+    return ensure_dataset(Path(args.data), args.num_train, args.num_val, args.image_size, args.data_seed,
+                          args.clutter, args.small_sides)
 
 
 def read_curve(run_dir: Path) -> list[dict]:
@@ -58,7 +70,7 @@ def launch(name: str, train_args: list[str], run_dir: Path, threads: int) -> sub
     return proc
 
 
-def add_toy_data_arguments(p, num_val: int, pretrain_num_val: int) -> None:
+def add_toy_data_arguments(p, num_val: int, pretrain_num_val: int, small_sides=BUCKETS["small"]) -> None:
     """The experiments' shared flags: the toy dataset, and the one the backbone is pretrained on."""
     p.add_argument("--data", default="data/toy_convergence", help="toy dataset folder (generated when missing)")
     p.add_argument("--num-train", type=int, default=400)
@@ -66,6 +78,8 @@ def add_toy_data_arguments(p, num_val: int, pretrain_num_val: int) -> None:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--clutter", type=float, default=1.0, help="background clutter of the toy images, 0 to 1")
+    p.add_argument("--small-sides", type=parse_sides, default=small_sides,
+                   help=f"nominal sides of the small objects, lo,hi pixels (default {small_sides[0]:g},{small_sides[1]:g})")
     p.add_argument("--pretrain-data", default="data/toy_pretrain",
                    help="toy dataset for pretraining the backbone (generated when missing)")
     p.add_argument("--pretrain-num-train", type=int, default=1500)
