@@ -22,65 +22,13 @@
 // Notation: N batch, S flattened positions of all levels, M heads, D channels per head,
 // Lq queries, L levels, P points per head and level, (H_l, W_l) level l's size.
 //
-// The file includes no headers, so NVRTC compiles it on any machine without a CUDA
-// toolkit, and g++ compiles it for the CPU through cuda_host_emulation.h (tests).
-// Python compiles the templates it needs by name: msda_forward<float, float>,
-// msda_backward<bfloat16_t, float>, ...
+// The file includes no system headers, so NVRTC compiles it on any machine without a CUDA
+// toolkit, and g++ compiles it for the CPU through cuda_host_emulation.h (tests). Its one
+// include is its sibling msda_types.cuh, which Python pastes in before handing it to NVRTC.
+// Python compiles the templates it needs by name: msda_forward<float, float> (one channel
+// per thread), msda_forward<float, float, 4> (four per thread), msda_backward<bfloat16_t, float>, ...
 
-// ---------------------------------------------------------------------------------------
-// 16-bit element types: we only need to widen them to float and round float back.
-// ---------------------------------------------------------------------------------------
-struct half_t { unsigned short bits; };      // IEEE float16: 1 sign, 5 exponent, 10 mantissa bits
-struct bfloat16_t { unsigned short bits; };  // bfloat16: the top 16 bits of a float32
-
-#ifdef __CUDA_ARCH__
-// On the GPU one PTX instruction converts in each direction (round to nearest even).
-__device__ __forceinline__ float half_to_float(half_t h) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
-  return f;
-}
-__device__ __forceinline__ half_t float_to_half(float f) {
-  half_t h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
-  return h;
-}
-#else
-// CPU emulation build: g++ has a native 16-bit float type that does the same conversions.
-inline float half_to_float(half_t h) { _Float16 v; __builtin_memcpy(&v, &h.bits, 2); return (float)v; }
-inline half_t float_to_half(float f) { _Float16 v = (_Float16)f; half_t h; __builtin_memcpy(&h.bits, &v, 2); return h; }
-#endif
-
-// bfloat16 is a float32 with the low 16 mantissa bits cut off, so widening is a shift and
-// narrowing is rounding those 16 bits away (to nearest, ties to even), keeping NaN a NaN.
-__device__ __forceinline__ float bfloat16_to_float(bfloat16_t b) {
-  return __uint_as_float(static_cast<unsigned int>(b.bits) << 16);
-}
-__device__ __forceinline__ bfloat16_t float_to_bfloat16(float f) {
-  unsigned int u = __float_as_uint(f);
-  bfloat16_t b;
-  if ((u & 0x7fffffffu) > 0x7f800000u) { b.bits = 0x7fc0; return b; }  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  b.bits = static_cast<unsigned short>(u >> 16);
-  return b;
-}
-
-// Scalar<scalar_t>: the accumulator type and the two conversions, one specialisation per type.
-template <typename scalar_t> struct Scalar {  // float and double: no conversion, their own accumulator
-  typedef scalar_t acc_t;
-  __device__ static scalar_t load(scalar_t v) { return v; }
-  __device__ static scalar_t store(scalar_t v) { return v; }
-};
-template <> struct Scalar<half_t> {
-  typedef float acc_t;
-  __device__ static float load(half_t v) { return half_to_float(v); }
-  __device__ static half_t store(float v) { return float_to_half(v); }
-};
-template <> struct Scalar<bfloat16_t> {
-  typedef float acc_t;
-  __device__ static float load(bfloat16_t v) { return bfloat16_to_float(v); }
-  __device__ static bfloat16_t store(float v) { return float_to_bfloat16(v); }
-};
+#include "msda_types.cuh"  // half_t, bfloat16_t, Scalar<scalar_t> (the conversions), Vec<scalar_t, V>
 
 // ---------------------------------------------------------------------------------------
 // Bilinear interpolation: where the four weights come from.
@@ -136,16 +84,19 @@ __device__ __forceinline__ Bilinear<acc_t> bilinear(acc_t loc_x, acc_t loc_y, in
 // The point of lane `src`, received in 5 shuffles: the weight, the two fractions, the top-left
 // position and which neighbours are inside; every lane rebuilds the four weights and positions
 // from those (a few multiplies, cheaper than 6 more shuffles). W: the width of its level.
+// `width` (a power of two <= 32): the warp is cut into segments of that many lanes, and `src`
+// counts from the start of this lane's segment. All 32 lanes must call it together.
 template <typename acc_t>
-__device__ __forceinline__ Bilinear<acc_t> share_point(const Bilinear<acc_t>& mine, int src, int W) {
+__device__ __forceinline__ Bilinear<acc_t> share_point(const Bilinear<acc_t>& mine, int src, int W,
+                                                       int width = 32) {
   int inside = 0;
   for (int c = 0; c < 4; ++c) inside |= (mine.pos[c] >= 0 ? 1 : 0) << c;
   Bilinear<acc_t> p;
-  p.a = __shfl_sync(0xffffffffu, mine.a, src);
-  p.fx = __shfl_sync(0xffffffffu, mine.fx, src);
-  p.fy = __shfl_sync(0xffffffffu, mine.fy, src);
-  p.origin = __shfl_sync(0xffffffffu, mine.origin, src);
-  inside = __shfl_sync(0xffffffffu, inside, src);
+  p.a = __shfl_sync(0xffffffffu, mine.a, src, width);
+  p.fx = __shfl_sync(0xffffffffu, mine.fx, src, width);
+  p.fy = __shfl_sync(0xffffffffu, mine.fy, src, width);
+  p.origin = __shfl_sync(0xffffffffu, mine.origin, src, width);
+  inside = __shfl_sync(0xffffffffu, inside, src, width);
   p.w[0] = (1 - p.fy) * (1 - p.fx);
   p.w[1] = (1 - p.fy) * p.fx;
   p.w[2] = p.fy * (1 - p.fx);
@@ -173,19 +124,26 @@ __device__ __forceinline__ Bilinear<acc_t> load_point(const loc_t* __restrict__ 
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward: one thread per output element.
+// Forward: one thread per VEC neighbouring output elements (VEC = 1: one per element).
 // ---------------------------------------------------------------------------------------
-// Thread i owns out[n, q, m, d] with i = ((n * Lq + q) * M + m) * D + d. It walks all L
-// levels and P points of its head, keeps the running sum in a register, and writes once:
-// no two threads write the same element, so no atomics. Neighbouring threads own
-// neighbouring channels d, so their reads of value[n, s, m, d] are contiguous (coalesced).
-// The loop is grid-stride: if the grid is smaller than the number of outputs, each
-// thread moves on by (total number of threads) and takes another element.
+// Thread i owns out[n, q, m, d .. d + VEC - 1] with i = ((n * Lq + q) * M + m) * (D / VEC) + d / VEC.
+// It walks all L levels and P points of its head, keeps its VEC running sums in registers, and
+// writes once: no two threads write the same element, so no atomics. Neighbouring threads own
+// neighbouring channels, so their reads of value[n, s, m, :] are contiguous (coalesced).
+// With VEC > 1 each of the four reads of a sample is one vector load of VEC channels (Vec: a
+// float4, two doubles, eight 16-bit values). The wrapper picks VEC (cupy_kernel.vector_width):
+// the widest that divides D and fits value's alignment, else VEC = 1, one channel per load.
+// The loop is grid-stride: if the grid is smaller than the work, each warp moves on by
+// (total number of threads) and takes more.
 //
-// When D is a multiple of 32 (the paper's D = 32), the 32 lanes of a warp serve one (n, q, m)
-// (the grid-stride step keeps it so): each point's work is then done by one lane and shared by
-// shuffles (load_point, share_point). Otherwise every thread does that work for itself.
-template <typename scalar_t, typename loc_t>
+// The G = D / VEC threads of one (n, q, m) come in segments of `seg` lanes, seg the largest
+// power of two dividing G (at most 32), so a segment never straddles two heads (the paper's
+// D = 32: one head per warp with VEC = 1, four heads of 8 lanes with float4). Each point's
+// work is done by one lane of the segment and shared by shuffles (load_point, share_point);
+// with seg = 1 (G odd) every thread does it for itself. Shuffles need all 32 lanes, so the
+// loop runs warp by warp: a lane past the end of the work shadows the lane of the last head in
+// its place of the segment (the same loads and shuffles) and stores nothing.
+template <typename scalar_t, typename loc_t, int VEC = 1>
 __global__ void msda_forward(const scalar_t* __restrict__ value,
                              const long long* __restrict__ spatial_shapes,
                              const long long* __restrict__ level_start,
@@ -195,37 +153,51 @@ __global__ void msda_forward(const scalar_t* __restrict__ value,
                              int N, int S, int M, int D, int Lq, int L, int P) {
   typedef Scalar<scalar_t> T;
   typedef typename T::acc_t acc_t;
-  const long long total = static_cast<long long>(N) * Lq * M * D;
+  typedef Vec<scalar_t, VEC> V;
+  const int G = D / VEC;                          // threads per (n, q, m)
+  const int seg = (G & -G) < 32 ? (G & -G) : 32;  // lanes that share one head's points
+  const long long total = static_cast<long long>(N) * Lq * M * G;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  const int lane = threadIdx.x % 32;
-  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
-    const int d = static_cast<int>(i % D);
-    const long long nqm = i / D;  // ((n * Lq + q) * M + m): the (query, head) pair this thread serves
+  const int lane = threadIdx.x % 32, sub = lane % seg;  // sub: this lane's place in its segment
+  const long long row = static_cast<long long>(M) * D;  // distance between positions s and s+1
+  const int LP = L * P;
+  // w: the warp's first thread (blockDim.x is a multiple of 32), the same on all its lanes
+  for (long long w = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x - lane; w < total; w += stride) {
+    const bool active = w + lane < total;  // false only for some lanes of the last warp
+    const long long i = active ? w + lane : total - seg + sub;
+    const int d = static_cast<int>(i % G) * VEC;  // the first of this thread's channels
+    const long long nqm = i / G;  // ((n * Lq + q) * M + m): the (query, head) pair this thread serves
     const int m = static_cast<int>(nqm % M);
     const long long n = nqm / (static_cast<long long>(Lq) * M);
-    const loc_t* loc = sampling_locations + nqm * L * P * 2;  // this head's (L, P, 2) block
-    const loc_t* weight = attention_weights + nqm * L * P;    // this head's (L, P) block
-    const long long row = static_cast<long long>(M) * D;         // distance between positions s and s+1
-    const scalar_t* v_nm = value + n * S * row + m * D + d;      // &value[n, 0, m, d]
+    const loc_t* loc = sampling_locations + nqm * LP * 2;  // this head's (L, P, 2) block
+    const loc_t* weight = attention_weights + nqm * LP;    // this head's (L, P) block
+    const scalar_t* v_nm = value + n * S * row + m * D + d;  // &value[n, 0, m, d]
 
-    // shared: the 32 lanes of this warp serve 32 channels of one (n, q, m) (same for all lanes)
-    const bool shared = D % 32 == 0;
-    const int LP = L * P, step = shared ? 32 : 1;
-    acc_t acc = 0;
-    for (int lp0 = 0; lp0 < LP; lp0 += step) {
-      const Bilinear<acc_t> mine = load_point<acc_t>(loc, weight, spatial_shapes, lp0 + (shared ? lane : 0), LP, P);
-      const int count = LP - lp0 < step ? LP - lp0 : step;
+    acc_t acc[VEC];
+    for (int j = 0; j < VEC; ++j) acc[j] = 0;
+    for (int lp0 = 0; lp0 < LP; lp0 += seg) {
+      const Bilinear<acc_t> mine = load_point<acc_t>(loc, weight, spatial_shapes, lp0 + sub, LP, P);
+      const int count = LP - lp0 < seg ? LP - lp0 : seg;
       for (int k = 0; k < count; ++k) {  // the same count on every lane of a warp
         const int l = (lp0 + k) / P;
-        const Bilinear<acc_t> p = shared ? share_point(mine, k, static_cast<int>(spatial_shapes[2 * l + 1])) : mine;
+        const Bilinear<acc_t> p = seg > 1 ? share_point(mine, k, static_cast<int>(spatial_shapes[2 * l + 1]), seg)
+                                          : mine;
         const scalar_t* v = v_nm + level_start[l] * row;  // &value[n, level_start[l], m, d]
-        acc_t sample = 0;
-        for (int c = 0; c < 4; ++c)  // outside the map: weight * 0 (NaN stays NaN)
-          sample += p.w[c] * (p.pos[c] >= 0 ? T::load(v[p.pos[c] * row]) : acc_t(0));
-        acc += p.a * sample;
+        acc_t sample[VEC];
+        for (int j = 0; j < VEC; ++j) sample[j] = 0;
+        for (int c = 0; c < 4; ++c) {
+          V x = {};  // outside the map: zeros, and weight * 0 (NaN stays NaN)
+          if (p.pos[c] >= 0) x = *reinterpret_cast<const V*>(v + p.pos[c] * row);  // one load
+          for (int j = 0; j < VEC; ++j) sample[j] += p.w[c] * T::load(x.x[j]);
+        }
+        for (int j = 0; j < VEC; ++j) acc[j] += p.a * sample[j];
       }
     }
-    output[i] = T::store(acc);
+    if (active) {
+      V out;
+      for (int j = 0; j < VEC; ++j) out.x[j] = T::store(acc[j]);
+      *reinterpret_cast<V*>(output + i * VEC) = out;  // out[n, q, m, d .. d + VEC - 1]
+    }
   }
 }
 
@@ -393,8 +365,11 @@ __global__ void msda_backward(const scalar_t* __restrict__ value,
 }
 
 #ifdef CUDA_HOST_EMULATION  // CPU build only: the instantiations, callable by name from Python (ctypes)
+// The widths VEC as cupy_kernel.vector_widths lists them: 16, 8 and 4 bytes of channels.
 #define MSDA_REGISTER(...) EMU_REGISTER_KERNEL(msda_forward<__VA_ARGS__>) EMU_REGISTER_KERNEL(msda_backward<__VA_ARGS__>)
-MSDA_REGISTER(float, float) MSDA_REGISTER(double, double)
-MSDA_REGISTER(half_t, half_t) MSDA_REGISTER(half_t, float)
-MSDA_REGISTER(bfloat16_t, bfloat16_t) MSDA_REGISTER(bfloat16_t, float)
+#define MSDA_VEC(V, ...) EMU_REGISTER_KERNEL(msda_forward<__VA_ARGS__, V>)
+#define MSDA_16BIT(...) MSDA_REGISTER(__VA_ARGS__) MSDA_VEC(8, __VA_ARGS__) MSDA_VEC(4, __VA_ARGS__) MSDA_VEC(2, __VA_ARGS__)
+MSDA_REGISTER(float, float) MSDA_VEC(4, float, float) MSDA_VEC(2, float, float)
+MSDA_REGISTER(double, double) MSDA_VEC(2, double, double)
+MSDA_16BIT(half_t, half_t) MSDA_16BIT(half_t, float) MSDA_16BIT(bfloat16_t, bfloat16_t) MSDA_16BIT(bfloat16_t, float)
 #endif

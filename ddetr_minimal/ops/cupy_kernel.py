@@ -20,6 +20,11 @@ The source is found by :func:`kernels_dir` (installed or copied layout) and comp
 with NVRTC once per (dtype, device) by :func:`compiled`, which also remembers a failed
 compilation with its NVRTC log, so a broken setup is reported once, not recompiled per call.
 
+The forward reads value's channels with vector loads where it can: :func:`vector_width`
+picks, from D, the dtype and value's data pointer, how many neighbouring channels each thread
+takes (the template argument VEC of ``msda_forward``); 1 is the scalar fallback. Every width
+is compiled, so the choice costs nothing at run time.
+
 The launch logic (argument order, grid sizes, output allocation) does not depend on
 CuPy: :mod:`ddetr_minimal.ops.emulation` passes a launcher that runs the same kernels on the
 CPU, which is how the tests check this file without a GPU.
@@ -31,27 +36,19 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
-from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Sequence, Union
 
 import torch
 
 from . import cuda_versions
+from .kernel_files import (KERNEL_FILE, KERNEL_FILES, KERNEL_TYPES, VECTOR_BYTES, channels_per_thread,  # noqa: F401
+                           entry_points, kernel_names, kernel_source, kernels_dir, vector_width, vector_widths)
 
-KERNEL_FILE = "msda.cu"
 THREADS_PER_BLOCK = 256  # a multiple of 32: the backward kernel gives each warp one head
 WARP_SIZE = 32
 MAX_BLOCKS = 65535  # the kernels loop grid-stride, so a capped grid still covers everything
 COMPILE_OPTIONS = ("-std=c++17",)  # CuPy's RawModule adds -ftz=true and the -arch of the device
 INSTALL_HINT = cuda_versions.INSTALL_HINT
-
-# value dtype -> (C++ type in msda.cu, dtype the kernel accumulates and writes gradients in)
-KERNEL_TYPES: Dict[torch.dtype, Tuple[str, torch.dtype]] = {
-    torch.float32: ("float", torch.float32),
-    torch.float64: ("double", torch.float64),
-    torch.float16: ("half_t", torch.float32),
-    torch.bfloat16: ("bfloat16_t", torch.float32),
-}
 
 KernelArg = Union[torch.Tensor, int]
 Launcher = Callable[[str, int, int, List[KernelArg]], None]
@@ -68,51 +65,6 @@ class CupyKernelError(RuntimeError):
 # ---------------------------------------------------------------------------------------
 # Shared by the GPU path and the CPU emulation
 # ---------------------------------------------------------------------------------------
-def kernels_dir() -> Path:
-    """The folder holding ``msda.cu`` and the emulation header.
-
-    Two layouts are supported: the installed package (``pip install .`` puts ``kernels/`` inside
-    the package as ``ddetr_minimal/kernels``) and a copy of the repository's two folders,
-    ``ddetr_minimal/`` and ``kernels/`` side by side (also what an editable install sees).
-    """
-    package = Path(__file__).resolve().parent.parent  # .../ddetr_minimal
-    candidates = (package / "kernels", package.parent / "kernels")
-    for folder in candidates:
-        if (folder / KERNEL_FILE).is_file():
-            return folder
-    raise FileNotFoundError(
-        f"cannot find the kernel source {KERNEL_FILE}: looked in "
-        + " and ".join(str(c) for c in candidates)
-        + "; copy the repository's kernels/ folder next to ddetr_minimal/"
-    )
-
-
-def kernel_source() -> str:
-    """The CUDA C source of both kernels."""
-    return (kernels_dir() / KERNEL_FILE).read_text()
-
-
-def kernel_names(dtype: torch.dtype, loc_dtype: torch.dtype = None) -> Tuple[str, str]:
-    """Names of the forward and backward template instantiations for value dtype ``dtype``
-    and location/weight dtype ``loc_dtype`` (default: ``dtype``).
-
-    >>> kernel_names(torch.bfloat16, torch.float32)
-    ('msda_forward<bfloat16_t, float>', 'msda_backward<bfloat16_t, float>')
-    """
-    loc_dtype = dtype if loc_dtype is None else loc_dtype
-    if dtype not in KERNEL_TYPES:
-        raise TypeError(
-            f"the kernel supports value dtypes {sorted(str(t) for t in KERNEL_TYPES)}, got {dtype}"
-        )
-    if loc_dtype != dtype and not (KERNEL_TYPES[dtype][1] == torch.float32 and loc_dtype == torch.float32):
-        raise TypeError(
-            f"the kernel takes sampling_locations and attention_weights of value's dtype {dtype}"
-            f"{' or torch.float32' if KERNEL_TYPES[dtype][1] == torch.float32 else ''}, got {loc_dtype}"
-        )
-    types = f"{KERNEL_TYPES[dtype][0]}, {KERNEL_TYPES[loc_dtype][0]}"
-    return f"msda_forward<{types}>", f"msda_backward<{types}>"
-
-
 def grid_size(threads: int, max_blocks: int = MAX_BLOCKS) -> int:
     """Blocks of ``THREADS_PER_BLOCK`` threads for ``threads`` threads, at most ``max_blocks``."""
     return max(1, min(max_blocks, -(-threads // THREADS_PER_BLOCK)))
@@ -136,15 +88,23 @@ def prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations,
 
 
 def run_forward(launch: Launcher, value, spatial_shapes, level_start_index, sampling_locations,
-                attention_weights, max_blocks: int = MAX_BLOCKS) -> torch.Tensor:
-    """Launch the forward kernel, one thread per output element. Returns (N, Lq, M*D)."""
+                attention_weights, max_blocks: int = MAX_BLOCKS, width: int = None) -> torch.Tensor:
+    """Launch the forward kernel, one thread per ``width`` neighbouring output elements
+    (default: :func:`vector_width` of value; 1 forces one channel per load). Returns (N, Lq, M*D)."""
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = prepare_inputs(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     N, S, M, D, Lq, L, P = _sizes(value, sampling_locations)
     output = value.new_empty(N, Lq, M, D)  # (N, Lq, M, D)
-    threads = N * Lq * M * D
+    # the output is PyTorch's fresh allocation, aligned far beyond 16 bytes: checked all the same
+    fits = channels_per_thread(D, value.dtype, value.data_ptr() | output.data_ptr())
+    if width is None:
+        width = fits
+    elif width != 1 and (width not in vector_widths(value.dtype) or fits % width != 0):
+        raise ValueError(f"width must be 1 or a vector width that divides D (here {D}) and fits value's "
+                         f"alignment (vector_width(value) is {vector_width(value)}), got {width!r}")
+    threads = N * Lq * M * D // width
     if threads > 0:
-        launch(kernel_names(value.dtype, sampling_locations.dtype)[0], grid_size(threads, max_blocks),
+        launch(kernel_names(value.dtype, sampling_locations.dtype, width)[0], grid_size(threads, max_blocks),
                THREADS_PER_BLOCK, [value, spatial_shapes, level_start_index, sampling_locations,
                                    attention_weights, output, N, S, M, D, Lq, L, P])
     return output.view(N, Lq, M * D)  # (N, Lq, M*D)
@@ -268,7 +228,7 @@ def compiled(dtype: torch.dtype, loc_dtype: torch.dtype, device_index) -> Dict[s
     key = (dtype, loc_dtype, device_index)
     with _COMPILE_LOCK:
         if key not in _COMPILED:
-            names = kernel_names(dtype, loc_dtype)
+            names = entry_points(dtype, loc_dtype)
             try:
                 _COMPILED[key] = _compile_module(names, device_index)
             except Exception as exc:  # CompileException (NVRTC log), CUDADriverError, ImportError, ...
@@ -322,8 +282,10 @@ __all__ = [
     "CupyKernelError",
     "CupyUnavailableError",
     "alert_not_deterministic",
+    "channels_per_thread",
     "compiled",
     "cupy_launch",
+    "entry_points",
     "is_available",
     "kernel_names",
     "kernel_source",
@@ -331,4 +293,6 @@ __all__ = [
     "require_gpu",
     "run_backward",
     "run_forward",
+    "vector_width",
+    "vector_widths",
 ]

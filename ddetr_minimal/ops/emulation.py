@@ -37,7 +37,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from .cupy_kernel import KERNEL_FILE, MAX_BLOCKS, kernels_dir, KernelArg
+from .cupy_kernel import KERNEL_FILE, KERNEL_FILES, MAX_BLOCKS, kernels_dir, KernelArg
 
 HEADER_FILE = "cuda_host_emulation.h"
 CXX = os.environ.get("CXX", "g++")
@@ -54,15 +54,16 @@ def default_cache_dir() -> Path:
 
 
 def compile_command(source: Path, output: Path) -> List[str]:
-    """The g++ command line that turns a ``.cu`` file into a CPU shared library."""
-    header = kernels_dir() / HEADER_FILE
-    return [CXX, *CXX_FLAGS, "-include", str(header), str(source), "-o", str(output)]
+    """The g++ command line that turns a ``.cu`` file into a CPU shared library (``-I``: a copy of
+    ``msda.cu`` elsewhere still finds the header it includes)."""
+    folder = kernels_dir()
+    return [CXX, *CXX_FLAGS, "-I", str(folder), "-include", str(folder / HEADER_FILE), str(source), "-o", str(output)]
 
 
 def build(source: Optional[Union[str, Path]] = None, cache_dir: Optional[Union[str, Path]] = None) -> Path:
     """Compile ``source`` (default: ``kernels/msda.cu``) for the CPU; return the library's path.
 
-    The file name carries a hash of the source, the emulation header and the compiler
+    The file name carries a hash of the source, the headers in ``kernels/`` and the compiler
     command, so an edited kernel gets a fresh build and an unchanged one is reused.
     Raises ``RuntimeError`` with the compiler's messages when compilation fails.
     """
@@ -74,8 +75,8 @@ def build(source: Optional[Union[str, Path]] = None, cache_dir: Optional[Union[s
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), (kernels_dir() / HEADER_FILE).read_bytes(), " ".join(CXX_FLAGS).encode(),
-                 CXX.encode()):
+    headers = [(kernels_dir() / name).read_bytes() for name in (HEADER_FILE, *KERNEL_FILES[1:])]
+    for part in (source.read_bytes(), *headers, " ".join(CXX_FLAGS).encode(), CXX.encode()):
         digest.update(part)
     target = cache / f"{source.stem}-{digest.hexdigest()[:16]}.so"
     if target.exists():
