@@ -95,11 +95,11 @@ def run_forward(launch: Launcher, value, spatial_shapes, level_start_index, samp
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     N, S, M, D, Lq, L, P = _sizes(value, sampling_locations)
     output = value.new_empty(N, Lq, M, D)  # (N, Lq, M, D)
+    if width is None:
+        width = vector_width(value)
     # the output is PyTorch's fresh allocation, aligned far beyond 16 bytes: checked all the same
     fits = channels_per_thread(D, value.dtype, value.data_ptr() | output.data_ptr())
-    if width is None:
-        width = fits
-    elif width != 1 and (width not in vector_widths(value.dtype) or fits % width != 0):
+    if width != 1 and (width not in vector_widths(value.dtype) or fits % width != 0):
         raise ValueError(f"width must be 1 or a vector width that divides D (here {D}) and fits value's "
                          f"alignment (vector_width(value) is {vector_width(value)}), got {width!r}")
     threads = N * Lq * M * D // width
