@@ -56,3 +56,11 @@ def test_a_copy_without_kernels_says_what_is_missing(tmp_path):
     assert result.returncode != 0
     assert "cannot find the kernel source msda.cu" in result.stderr
     assert "copy the repository's kernels/ folder next to ddetr_minimal/" in result.stderr
+
+
+def test_a_kernels_folder_without_the_types_header_says_what_is_missing(tmp_path):
+    _copy(tmp_path, ["ddetr_minimal", "kernels"])
+    (tmp_path / "kernels" / "msda_types.cuh").unlink()  # msda.cu includes it
+    result = _run(tmp_path)
+    assert result.returncode != 0
+    assert "cannot find the kernel source msda.cu and msda_types.cuh" in result.stderr

@@ -120,6 +120,21 @@ def test_kernel_names_reject_unsupported_dtypes():
 def test_kernel_source_comes_from_the_installed_package():
     src = cupy_kernel.kernel_source()
     assert "__global__ void msda_forward" in src and "__global__ void msda_backward" in src
+    # the header msda.cu includes is pasted in: NVRTC gets one self-contained source
+    header = (cupy_kernel.kernels_dir() / "msda_types.cuh").read_text()
+    assert '#include "' not in src and header in src and "struct alignas(V * sizeof(scalar_t)) Vec" in src
+
+
+def test_entry_points_hold_every_vector_width_of_the_forward():
+    assert cupy_kernel.vector_widths(torch.float32) == (4, 2)
+    assert cupy_kernel.vector_widths(torch.float64) == (2,)
+    assert cupy_kernel.vector_widths(torch.bfloat16) == (8, 4, 2)
+    assert cupy_kernel.entry_points(torch.float32) == (
+        "msda_forward<float, float>", "msda_forward<float, float, 4>", "msda_forward<float, float, 2>",
+        "msda_backward<float, float>")
+    assert cupy_kernel.entry_points(torch.float16, torch.float32)[1] == "msda_forward<half_t, float, 8>"
+    with pytest.raises(ValueError, match=r"width must be 1 or one of \(2,\) for torch.float64, got 4"):
+        cupy_kernel.kernel_names(torch.float64, width=4)
 
 
 # --- the GPU benchmark script, on a machine without one --------------------------------

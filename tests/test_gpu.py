@@ -8,7 +8,8 @@ Tolerances, relative to max(1, largest |reference|) of each compared tensor:
   through the whole detector 5e-2.
 Also here: the self-test, stream hand-off, a current device other than the tensors', the
 grid-stride loops, pixel centres / borders / NaN, Lq=0, a non-contiguous grad_output,
-deterministic mode, opcheck and torch.compile on the kernel.
+deterministic mode, opcheck and torch.compile on the kernel, and the forward's vector loads
+against its one-channel fallback (every width; misaligned value).
 """
 import pytest
 import torch
@@ -324,3 +325,48 @@ def test_misaligned_rows_take_the_one_channel_loads(dtype):
     for name, a, b in zip(NAMES, output_and_grads("cupy", [shifted, shapes, starts, loc, weights]),
                           output_and_grads("cupy", [value, shapes, starts, loc, weights])):
         assert_close_scaled(a, b, 1e-5 if dtype == torch.float32 else 2e-2, f"misaligned {dtype} {name}")
+
+
+VECTOR_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float16, torch.float32),
+                (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtypes", VECTOR_PAIRS, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("case", CASES + [(2, 3, 40, 13, [(6, 5), (3, 3)], 3), (3, 2, 16, 17, [(5, 4)], 2)],
+                         ids=lambda c: f"N{c[0]}-M{c[1]}-D{c[2]}")
+def test_vector_and_scalar_forwards_agree(case, dtypes, monkeypatch):
+    """Every vector width that divides D against one channel per load, on the GPU: the same sums
+    in the same order, so equal up to the compiler's contraction of multiply-adds; also with a
+    one-block grid, and through the op (forward and backward) with the fallback forced."""
+    value, shapes, starts, loc, weights = make_inputs(*case, dtype=dtypes[0])
+    inputs = [value, shapes, starts, loc.to(dtypes[1]), weights.to(dtypes[1])]
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtypes[0], 1e-2)  # 16 bit: one final rounding
+    scalar = cupy_kernel.run_forward(cupy_kernel.cupy_launch, *inputs, width=1)
+    widths = [w for w in cupy_kernel.vector_widths(dtypes[0]) if value.shape[-1] % w == 0]
+    for width in widths:
+        for max_blocks in (cupy_kernel.MAX_BLOCKS, 1):
+            vector = cupy_kernel.run_forward(cupy_kernel.cupy_launch, *inputs, max_blocks=max_blocks, width=width)
+            assert_close_scaled(vector, scalar, tol, f"width {width} max_blocks {max_blocks} against width 1")
+    chosen = output_and_grads("cupy", inputs)
+    assert cupy_kernel.vector_width(value) == (widths[0] if widths else 1)
+    monkeypatch.setattr(cupy_kernel, "vector_width", lambda value: 1)
+    grad_tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtypes[0], 1e-2)  # atomics add in any order
+    for name, a, b in zip(NAMES, chosen, output_and_grads("cupy", inputs)):
+        assert_close_scaled(a, b, tol if name == "output" else grad_tol, f"vector against scalar path: {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_misaligned_value_takes_the_scalar_forward(dtype):
+    """One element into its storage, a 16-byte load would fault: vector_width says 1 and the
+    forward agrees with the aligned copy's vector forward."""
+    value, shapes, starts, loc, weights = make_inputs(2, 4, 32, 9, [(6, 5), (3, 3)], 2, dtype=dtype)
+    shifted = torch.empty(value.numel() + 1, dtype=dtype, device=DEVICE)[1:].view(value.shape)
+    shifted.copy_(value)
+    assert cupy_kernel.vector_width(value) == cupy_kernel.vector_widths(dtype)[0]
+    assert cupy_kernel.vector_width(shifted) == 1
+    with pytest.raises(ValueError, match="width must be 1 or a vector width"):
+        cupy_kernel.run_forward(cupy_kernel.cupy_launch, shifted, shapes, starts, loc, weights, width=2)
+    a = cupy_kernel.run_forward(cupy_kernel.cupy_launch, shifted, shapes, starts, loc, weights)
+    b = cupy_kernel.run_forward(cupy_kernel.cupy_launch, value, shapes, starts, loc, weights)
+    torch.cuda.synchronize()
+    assert_close_scaled(a, b, 1e-6 if dtype == torch.float32 else 1e-2, f"misaligned {dtype} forward")

@@ -53,9 +53,11 @@ def test_the_self_test_passes_and_auto_uses_the_kernel(kernel_on_cpu):
         warnings.simplefilter("error")  # no warning when the kernel works
         out = ms_deform_attn(*small_inputs(), backend="auto")
     assert "msda_forward<float, float>" in kernel_on_cpu and "msda_backward<float, float>" in kernel_on_cpu
+    # the self-test also ran every vector width of the forward
+    assert {"msda_forward<float, float, 4>", "msda_forward<float, float, 2>"} <= set(kernel_on_cpu)
     runs = len(kernel_on_cpu)
     torch.testing.assert_close(ms_deform_attn(*small_inputs(), backend="auto"), out)
-    assert kernel_on_cpu[runs:] == ["msda_forward<float, float>"]  # the self-test ran once: cached
+    assert kernel_on_cpu[runs:] == ["msda_forward<float, float, 4>"]  # D = 4, aligned; the self-test ran once
     torch.testing.assert_close(out, ms_deform_attn(*small_inputs(), backend="torch"))
 
 
@@ -99,6 +101,18 @@ def test_wrong_numbers_fail_the_self_test(kernel_on_cpu, monkeypatch):
 
     monkeypatch.setattr(cupy_kernel, "cupy_launch", off_by_a_bit)
     with pytest.warns(RuntimeWarning, match="SelfTestMismatch: output differs from the torch backend"):
+        assert selftest.kernel_works(CPU, torch.float32, torch.float32) is False
+
+
+def test_a_wrong_vector_forward_fails_the_self_test(kernel_on_cpu, monkeypatch):
+    """Only the forward that reads four channels per load is off: the self-test runs it too."""
+    def vector_off(name, grid, block, args):
+        emulation.cpu_launch(name, grid, block, args)
+        if name == "msda_forward<float, float, 4>":
+            args[5].add_(1e-2)  # the output
+
+    monkeypatch.setattr(cupy_kernel, "cupy_launch", vector_off)
+    with pytest.warns(RuntimeWarning, match="SelfTestMismatch: output with 4 channels per load differs"):
         assert selftest.kernel_works(CPU, torch.float32, torch.float32) is False
 
 

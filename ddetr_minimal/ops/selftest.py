@@ -54,9 +54,12 @@ def self_test(device: torch.device, dtype: torch.dtype, loc_dtype: torch.dtype, 
 
 def _self_test(device, dtype, loc_dtype, launch) -> None:
     value, shapes, starts, loc, weights, grad_out = tiny_inputs(device, dtype, loc_dtype)
+    first = value[..., :32].contiguous()  # (N, S, M, 32): D = 32 takes every vector width
+    widths = cupy_kernel.vector_widths(dtype)
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        got = (cupy_kernel.run_forward(launch, value, shapes, starts, loc, weights),
+        got = (cupy_kernel.run_forward(launch, value, shapes, starts, loc, weights),  # D = 33: one channel per load
                *cupy_kernel.run_backward(launch, grad_out, value, shapes, starts, loc, weights))
+        vector = [cupy_kernel.run_forward(launch, first, shapes, starts, loc, weights, width=w) for w in widths]
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # a launch error surfaces here, inside the caller's try
     from .library import autograd_inside_kernel  # this runs inside the op's kernel
@@ -65,9 +68,12 @@ def _self_test(device, dtype, loc_dtype, launch) -> None:
         leaves = [t.detach().double().requires_grad_(True) for t in (value, loc, weights)]
         out = ms_deform_attn_torch(leaves[0], shapes.cpu(), starts.cpu(), leaves[1], leaves[2])
         want = (out.detach(), *torch.autograd.grad(out, leaves, grad_out.double()))
+    N, Lq, M, D = *want[0].shape[:2], value.shape[2], value.shape[3]
+    want_first = want[0].view(N, Lq, M, D)[..., :32].reshape(N, Lq, M * 32)  # (N, Lq, M*32)
     tol = TOLERANCE[dtype]
-    for name, a, b in zip(("output", "grad value", "grad sampling_locations", "grad attention_weights"),
-                          got, want):
+    for name, a, b in zip(("output", "grad value", "grad sampling_locations", "grad attention_weights",
+                           *(f"output with {w} channels per load" for w in widths)),
+                          (*got, *vector), (*want, *[want_first] * len(widths))):
         err = (a.double() - b.double()).abs().max().item()
         scale = max(1.0, b.abs().max().item())
         if not err <= tol * scale:  # also catches NaN
