@@ -314,3 +314,17 @@ def test_legibility_problems_flags_wide_figures_and_tiny_text():
     ax.tick_params(labelsize=8)
     assert legibility_problems(fig) == []
     plt.close("all")
+
+
+def test_plot_deformable_map_marks_points_reference_and_target():
+    w = torch.zeros(12)
+    w[5] = 1.0
+    loc, pw = torch.tensor([[0.4, 0.5], [0.6, 0.5]]), torch.tensor([0.25, 0.75])
+    ax = viz.plot_deformable_map(w, (3, 4), loc, pw, reference_xy=(0.25, 0.5), target_xy=(1, 1))
+    assert_labelled(ax)
+    labels = ax.get_legend_handles_labels()[1]
+    assert sorted(labels) == ["query", "reference point", "sampling points"]
+    points = ax.collections[0].get_offsets()
+    np.testing.assert_allclose(points, [[1.1, 1.0], [1.9, 1.0]])  # x * W - 0.5, y * H - 0.5
+    with pytest.raises(ValueError, match="point_weights"):
+        viz.plot_deformable_map(w, (3, 4), loc, pw[:1], reference_xy=(0.25, 0.5))
