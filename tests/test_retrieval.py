@@ -10,6 +10,7 @@ from ddetr_minimal.measure.retrieval import (
     pixel_weights,
     position_codes,
     retrieval_batch,
+    running_mean,
     steps_to_threshold,
     train_retrieval,
 )
@@ -90,6 +91,7 @@ def test_steps_to_threshold():
     assert steps_to_threshold([1.0, 0.9, 0.4, 0.6, 0.3], 0.5) == 2
     assert steps_to_threshold([1.0, 0.9, 0.4, 0.6, 0.3], 0.5, window=2) == 4  # (0.6 + 0.3) / 2
     assert steps_to_threshold([1.0, 0.9], 0.5) == 2  # never: the whole run
+    torch.testing.assert_close(running_mean([1.0, 3.0, 2.0, 6.0], 2), torch.tensor([2.0, 2.5, 4.0], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("call,name", [
@@ -105,6 +107,7 @@ def test_steps_to_threshold():
     (lambda: retrieval_batch(torch.randn(16, 8), 4, batch=0), "batch"),
     (lambda: retrieval_batch(torch.randn(16, 8), 4, n_queries=2.0), "n_queries"),
     (lambda: steps_to_threshold([1.0], 0.5, window=0), "window"),
+    (lambda: running_mean([1.0], window=-2), "window"),
     (lambda: steps_to_threshold([1.0], float("inf")), "threshold"),
 ])
 def test_bad_arguments_raise_naming_the_argument(call, name):

@@ -286,6 +286,8 @@ def _figures_of_every_plot():
     yield "plot_bars", viz.plot_bars({"a": 1.0, "b": 2.0}).figure
     yield "plot_attention_map", viz.plot_attention_map(torch.rand(12).softmax(0), (3, 4)).figure
     yield "plot_entropy_bars", viz.plot_entropy_bars({"a": 1.0, "b": 2.0}).figure
+    yield "plot_deformable_map", viz.plot_deformable_map(
+        torch.rand(12).softmax(0), (3, 4), torch.rand(2, 2), torch.rand(2), (0.5, 0.5), (1, 1)).figure
     yield "plot_bilinear_neighbours", viz.plot_bilinear_neighbours((0.53, 0.36), 8, 8).figure
     yield "plot_sampling_points", viz.plot_sampling_points(torch.rand(3, 32, 48), loc, w).figure
     yield "plot_sampling_levels", viz.plot_sampling_levels(torch.rand(3, 32, 48), loc, shapes, w)
@@ -293,7 +295,7 @@ def _figures_of_every_plot():
     yield "plot_thread_ownership", viz.plot_thread_ownership(2, 2, 40)
 
 
-@pytest.mark.parametrize("index", range(11))
+@pytest.mark.parametrize("index", range(12))
 def test_every_plot_fits_the_column_with_legible_text(index):
     from ddetr_minimal.viz.common import legibility_problems
 
@@ -323,7 +325,7 @@ def test_plot_deformable_map_marks_points_reference_and_target():
     ax = viz.plot_deformable_map(w, (3, 4), loc, pw, reference_xy=(0.25, 0.5), target_xy=(1, 1))
     assert_labelled(ax)
     labels = ax.get_legend_handles_labels()[1]
-    assert sorted(labels) == ["query", "reference point", "sampling points"]
+    assert sorted(labels) == ["reference point", "sampling points", "target pixel"]
     points = ax.collections[0].get_offsets()
     np.testing.assert_allclose(points, [[1.1, 1.0], [1.9, 1.0]])  # x * W - 0.5, y * H - 0.5
     with pytest.raises(ValueError, match="point_weights"):

@@ -190,15 +190,20 @@ def train_retrieval(side: int, kind: str = "vanilla", steps: int = 300, d_model:
     return run
 
 
+def running_mean(values: Sequence[float], window: int) -> torch.Tensor:
+    """Entry ``i`` is the mean of values ``i .. i + window - 1``: (len(values) - window + 1,)."""
+    _positive_int("window", window)
+    v = torch.as_tensor(list(values), dtype=torch.float64)  # (steps,)
+    if v.numel() < window:
+        return v[:0]
+    return v.unfold(0, window, 1).mean(-1)  # (steps - window + 1,)
+
+
 def steps_to_threshold(values: Sequence[float], threshold: float, window: int = 1) -> int:
     """The first step at which the mean of the last ``window`` values is below ``threshold``;
     ``len(values)`` when it never is."""
-    _positive_int("window", window)
     if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold!r}")
-    v = torch.as_tensor(list(values), dtype=torch.float64)  # (steps,)
-    if v.numel() < window:
-        return len(v)
-    mean = v.unfold(0, window, 1).mean(-1)  # (steps - window + 1,): mean of steps t-window+1 .. t
+    mean = running_mean(values, window)  # entry i ends at step i + window - 1
     below = (mean < threshold).nonzero()
-    return int(below[0]) + window - 1 if len(below) else len(v)
+    return int(below[0]) + window - 1 if len(below) else len(values)

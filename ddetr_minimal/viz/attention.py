@@ -77,7 +77,7 @@ def plot_deformable_map(weights: ArrayLike, shape: Tuple[int, int], locations: A
                         title: str = "Deformable attention of one query") -> Axes:
     """One deformable query over an ``H x W`` map: the weight each pixel gets (``H*W`` entries,
     row-major), its sampling points as circles of area proportional to their weights, its
-    reference point (x) and, optionally, the pixel it should read (+).
+    reference point (x) and, optionally, the pixel it should read (+, "target pixel").
 
     ``locations`` (P, 2) are normalised (x, y), ``point_weights`` (P,) their attention weights;
     ``reference_xy`` is normalised too, ``target_xy`` in pixels of the map.
@@ -95,7 +95,10 @@ def plot_deformable_map(weights: ArrayLike, shape: Tuple[int, int], locations: A
                linewidths=1.5, label="sampling points")
     ax.plot([reference_xy[0] * W - 0.5], [reference_xy[1] * H - 0.5], marker="x", color="white",
             markersize=9, mew=2, linestyle="none", label="reference point")
+    for line in ax.get_lines():
+        if line.get_label() == "query":
+            line.set_label("target pixel")  # plot_attention_map's + marks what the query asks for
     ax.set_xlim(-0.5, W - 0.5)
     ax.set_ylim(H - 0.5, -0.5)
-    ax.legend(loc="upper right", fontsize="small")
+    ax.legend(loc="best", fontsize="small")
     return ax
