@@ -100,5 +100,8 @@ def plot_deformable_map(weights: ArrayLike, shape: Tuple[int, int], locations: A
             line.set_label("target pixel")  # plot_attention_map's + marks what the query asks for
     ax.set_xlim(-0.5, W - 0.5)
     ax.set_ylim(H - 0.5, -0.5)
-    ax.legend(loc="best", fontsize="small")
+    # the legend goes in the corner diagonally opposite the reference point, clear of the points
+    below = "lower" if reference_xy[1] < 0.5 else "upper"
+    side = "right" if reference_xy[0] < 0.5 else "left"
+    ax.legend(loc=f"{below} {side}", fontsize="small")
     return ax
