@@ -33,6 +33,8 @@ from ..ops.msda import ms_deform_attn
 from .cost import attention_entropy
 
 ATTENTION_KINDS = ("vanilla", "deformable")
+# target = reference + DISPLACEMENT (pixels): half a pixel from the 2nd and 3rd initial points
+DISPLACEMENT = (2.5, 0.5)
 
 
 class RetrievalBatch(NamedTuple):
@@ -88,7 +90,7 @@ def position_codes(side: int, d_model: int, generator: torch.Generator) -> torch
 
 
 def retrieval_batch(pos: torch.Tensor, side: int, batch: int = 16, n_queries: int = 16,
-                    displacement: Sequence[float] = (0.0, 0.0),
+                    displacement: Sequence[float] = DISPLACEMENT,
                     generator: torch.Generator | None = None) -> RetrievalBatch:
     """Random maps and queries that each ask for the content at one pixel.
 
@@ -156,7 +158,7 @@ def pixel_weights(layer: nn.Module, batch: RetrievalBatch, side: int) -> torch.T
 
 def train_retrieval(side: int, kind: str = "vanilla", steps: int = 300, d_model: int = 32,
                     lr: float = 1e-2, seed: int = 0, batch: int = 16, n_queries: int = 16,
-                    displacement: Sequence[float] = (2.5, 0.5), n_points: int = 4) -> RetrievalRun:
+                    displacement: Sequence[float] = DISPLACEMENT, n_points: int = 4) -> RetrievalRun:
     """Train one single-head layer of ``kind`` on the task with Adam; seeded and reproducible.
 
     ``seed`` fixes the position codes and the batches (the same for both kinds) and the layer's
