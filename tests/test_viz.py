@@ -286,6 +286,8 @@ def _figures_of_every_plot():
     yield "plot_bars", viz.plot_bars({"a": 1.0, "b": 2.0}).figure
     yield "plot_attention_map", viz.plot_attention_map(torch.rand(12).softmax(0), (3, 4)).figure
     yield "plot_entropy_bars", viz.plot_entropy_bars({"a": 1.0, "b": 2.0}).figure
+    yield "plot_deformable_map", viz.plot_deformable_map(
+        torch.rand(12).softmax(0), (3, 4), torch.rand(2, 2), torch.rand(2), (0.5, 0.5), (1, 1)).figure
     yield "plot_bilinear_neighbours", viz.plot_bilinear_neighbours((0.53, 0.36), 8, 8).figure
     yield "plot_sampling_points", viz.plot_sampling_points(torch.rand(3, 32, 48), loc, w).figure
     yield "plot_sampling_levels", viz.plot_sampling_levels(torch.rand(3, 32, 48), loc, shapes, w)
@@ -293,7 +295,7 @@ def _figures_of_every_plot():
     yield "plot_thread_ownership", viz.plot_thread_ownership(2, 2, 40)
 
 
-@pytest.mark.parametrize("index", range(11))
+@pytest.mark.parametrize("index", range(12))
 def test_every_plot_fits_the_column_with_legible_text(index):
     from ddetr_minimal.viz.common import legibility_problems
 
@@ -314,3 +316,17 @@ def test_legibility_problems_flags_wide_figures_and_tiny_text():
     ax.tick_params(labelsize=8)
     assert legibility_problems(fig) == []
     plt.close("all")
+
+
+def test_plot_deformable_map_marks_points_reference_and_target():
+    w = torch.zeros(12)
+    w[5] = 1.0
+    loc, pw = torch.tensor([[0.4, 0.5], [0.6, 0.5]]), torch.tensor([0.25, 0.75])
+    ax = viz.plot_deformable_map(w, (3, 4), loc, pw, reference_xy=(0.25, 0.5), target_xy=(1, 1))
+    assert_labelled(ax)
+    labels = ax.get_legend_handles_labels()[1]
+    assert sorted(labels) == ["reference point", "sampling points", "target pixel"]
+    points = ax.collections[0].get_offsets()
+    np.testing.assert_allclose(points, [[1.1, 1.0], [1.9, 1.0]])  # x * W - 0.5, y * H - 0.5
+    with pytest.raises(ValueError, match="point_weights"):
+        viz.plot_deformable_map(w, (3, 4), loc, pw[:1], reference_xy=(0.25, 0.5))

@@ -1,5 +1,5 @@
-"""Attention distributions: one query's attention over an H x W map, and entropies against the
-uniform maximum."""
+"""Attention distributions: one query's attention over an H x W map, entropies against the
+uniform maximum, and a deformable query's points over the pixels they read."""
 from __future__ import annotations
 
 from typing import Mapping, Optional, Tuple
@@ -68,4 +68,40 @@ def plot_entropy_bars(entropies: Mapping[str, float], ax: Optional[Axes] = None,
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.set_xlabel("attention map")
+    return ax
+
+
+def plot_deformable_map(weights: ArrayLike, shape: Tuple[int, int], locations: ArrayLike,
+                        point_weights: ArrayLike, reference_xy: Tuple[float, float],
+                        target_xy: Optional[Tuple[float, float]] = None, ax: Optional[Axes] = None,
+                        title: str = "Deformable attention of one query") -> Axes:
+    """One deformable query over an ``H x W`` map: the weight each pixel gets (``H*W`` entries,
+    row-major), its sampling points as circles of area proportional to their weights, its
+    reference point (x) and, optionally, the pixel it should read (+, "target pixel").
+
+    ``locations`` (P, 2) are normalised (x, y), ``point_weights`` (P,) their attention weights;
+    ``reference_xy`` is normalised too, ``target_xy`` in pixels of the map.
+    """
+    H, W = shape
+    loc = _numpy(locations).astype(float).reshape(-1, 2)  # (P, 2)
+    pw = _numpy(point_weights).astype(float).reshape(-1)  # (P,)
+    if len(pw) != len(loc):
+        raise ValueError(f"point_weights has {len(pw)} entries, expected one per location ({len(loc)})")
+    if len(reference_xy) != 2:
+        raise ValueError(f"reference_xy must be a normalised point (x, y), got {reference_xy!r}")
+    ax = plot_attention_map(weights, shape, ax=ax, query_xy=target_xy, title=title)
+    px, py = loc[:, 0] * W - 0.5, loc[:, 1] * H - 0.5  # pixel coordinates, centres at integers
+    ax.scatter(px, py, s=20 + 200 * pw / max(pw.max(), 1e-12), facecolors="none", edgecolors="lime",
+               linewidths=1.5, label="sampling points")
+    ax.plot([reference_xy[0] * W - 0.5], [reference_xy[1] * H - 0.5], marker="x", color="white",
+            markersize=9, mew=2, linestyle="none", label="reference point")
+    for line in ax.get_lines():
+        if line.get_label() == "query":
+            line.set_label("target pixel")  # plot_attention_map's + marks what the query asks for
+    ax.set_xlim(-0.5, W - 0.5)
+    ax.set_ylim(H - 0.5, -0.5)
+    # the legend goes in the corner diagonally opposite the reference point, clear of the points
+    below = "lower" if reference_xy[1] < 0.5 else "upper"
+    side = "right" if reference_xy[0] < 0.5 else "left"
+    ax.legend(loc=f"{below} {side}", fontsize="small")
     return ax
