@@ -140,6 +140,7 @@ def test_plot_seed_bands_shades_mean_pm_sd_and_marks_each_lr_drop():
     lo, hi = ax.collections[0].get_paths()[0].vertices[:, 1].min(), ax.collections[0].get_paths()[0].vertices[:, 1].max()
     assert lo == pytest.approx((several["mean"] - several["sd"]).min()) and hi == pytest.approx(
         (several["mean"] + several["sd"]).max())
+    assert ax.get_legend() is not None and viz.plot_seed_bands({"A": several}, legend=None).get_legend() is None
     with pytest.raises(ValueError, match="lr_drops names"):
         viz.plot_seed_bands({"A": several}, lr_drops={"C": 1})
     with pytest.raises(ValueError, match="lacks"):

@@ -150,11 +150,12 @@ def seed_band(curves: Sequence[Sequence[Mapping]], key: str = "AP", scale: float
 def plot_seed_bands(bands: Mapping[str, dict], ax: Optional[Axes] = None, title: str = "",
                     xlabel: str = "epoch (log scale)", ylabel: str = "AP (%)", logx: bool = True,
                     lr_drops: Optional[Mapping[str, float]] = None,
-                    hlines: Optional[Mapping[str, float]] = None) -> Axes:
+                    hlines: Optional[Mapping[str, float]] = None, legend: Optional[str] = "best") -> Axes:
     """Each entry of ``bands`` (label -> :func:`seed_band`) as its mean line with a shaded
     mean +- sd band (a plain line for one seed), the label followed by its number of seeds.
     ``lr_drops`` (label -> epoch) marks a model's learning-rate drop with a dashed vertical line in
-    its colour; ``hlines`` draws labelled horizontal reference lines (thresholds)."""
+    its colour; ``hlines`` draws labelled horizontal reference lines (thresholds). ``legend`` is
+    the legend's ``loc`` (None: no legend, e.g. when another panel shows it)."""
     if not isinstance(bands, Mapping) or len(bands) == 0:
         raise ValueError("bands must be a non-empty mapping label -> seed_band(...)")
     unknown = sorted(set(lr_drops or {}) - set(bands))
@@ -187,5 +188,6 @@ def plot_seed_bands(bands: Mapping[str, dict], ax: Optional[Axes] = None, title:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    if legend is not None:
+        ax.legend(fontsize="small", loc=legend)
     return ax
