@@ -10,7 +10,7 @@ The sub-packages follow the order in which data flows and the book teaches:
 * :mod:`ddetr_minimal.datasets` -- the toy generator, COCO-layout loading, transforms and COCO
   evaluation (chapter 7);
 * :mod:`ddetr_minimal.training` -- the training engine, the command lines, backbone pretraining and
-  the recorded experiments (chapters 7, 8);
+  the recorded experiment (chapters 7, 8);
 * :mod:`ddetr_minimal.measure` -- timing, memory, cost counters and fits, provenance of records,
   the benchmarks (chapters 1, 2, 4, 9);
 * :mod:`ddetr_minimal.viz` -- the plots, one module per topic (every chapter).

@@ -285,5 +285,36 @@ def test_the_table_has_one_row_per_group_in_percent():
     rows = {r["group"]: r for r in protocol.table(summary)}
     assert rows["detr"]["AP"] == pytest.approx((11.0, 1.0)) and rows["deformable"]["AP_S"] == pytest.approx((8.0, 0.0))
     assert rows["deformable"]["epochs_to_detr_final"] == (2, 3) and rows["detr"]["epochs"] == 10
+    assert rows["deformable"]["epochs_to"]["DETR final AP"] == (2, 0.0, 3)
+    assert rows["detr"]["epochs_to"]["AP 10"] == (1, 0.0, 3) and set(rows["detr"]["epochs_to"]) == {
+        "AP 5", "AP 10", "DETR final AP"}
     text = protocol.format_table(summary)
     assert len(text.splitlines()) == 3 and "11.0 ± 1.0" in text and "2.0 (3/3)" in text
+
+
+def test_the_experiments_command_runs_seeds_and_nothing_else(tmp_path, capsys):
+    from ddetr_minimal.__main__ import main
+
+    summary = protocol.summarize([_run("detr", 0, [0.1, 0.2]), _run("deformable", 0, [0.15, 0.3])])
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps({"summary": summary}))
+    assert main(["experiments", "seeds", "--table", "--out", str(record)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [x.split()[0] for x in lines] == ["group", "detr", "deformable"] and "30.0 ± 0.0" in lines[2]
+    for wrong in (["experiments"], ["experiments", "convergence"]):
+        with pytest.raises(SystemExit, match="experiments seeds"):
+            main(wrong)
+
+
+def test_pretraining_on_the_evaluation_data_and_a_changed_dataset_are_refused(tmp_path):
+    from ddetr_minimal.training.runs import ensure_dataset
+
+    base = ["--data", str(tmp_path / "toy"), "--pretrain-data", str(tmp_path / "pre")]
+    args = repeated.build_parser().parse_args([*base, "--pretrain-data-seed", "0"])  # --data-seed is 0 too
+    with pytest.raises(SystemExit, match="another seed"):
+        repeated.pretrained_backbone(args, tmp_path / "runs")
+    info = ensure_dataset(tmp_path / "toy", num_train=2, num_val=1, image_size=160, seed=0)
+    assert (info["num_train"], info["num_val"]) == (2, 1)
+    assert ensure_dataset(tmp_path / "toy", 2, 1, 160, 0) == info  # the same parameters: reused as it is
+    with pytest.raises(SystemExit, match="other parameters"):
+        ensure_dataset(tmp_path / "toy", num_train=3, num_val=1, image_size=160, seed=0)

@@ -100,6 +100,55 @@ def test_plot_curves_draws_one_line_per_series_and_reference_lines():
         viz.plot_curves(x, {"bad": np.arange(3)})
 
 
+def _seed_curve(aps, every=1):
+    """Per-epoch records with the loss every epoch and AP on every ``every``-th epoch."""
+    return [{"epoch": e, "loss": 1.0 / e, **({"AP": ap} if e % every == 0 else {})}
+            for e, ap in enumerate(aps, start=1)]
+
+
+def test_seed_band_is_the_mean_and_sample_sd_at_the_shared_evaluated_epochs():
+    curves = [_seed_curve([0.0, 0.1, 0.2, 0.3], every=2), _seed_curve([0.0, 0.3, 0.2, 0.5], every=2)]
+    band = viz.seed_band(curves)
+    assert band["n"] == 2 and band["epoch"].tolist() == [2, 4]
+    np.testing.assert_allclose(band["mean"], [20.0, 40.0])
+    np.testing.assert_allclose(band["sd"], [np.std([10, 30], ddof=1), np.std([30, 50], ddof=1)])
+    one = viz.seed_band(curves[:1], scale=1.0)
+    assert one["n"] == 1 and one["sd"].tolist() == [0.0, 0.0] and one["mean"].tolist() == [0.1, 0.3]
+    # a seed evaluated at other epochs: only the epochs every seed has
+    assert viz.seed_band([*curves, _seed_curve([0.1] * 4, every=4)])["epoch"].tolist() == [4]
+    with pytest.raises(ValueError, match="no epoch with 'AP_S'"):
+        viz.seed_band(curves, key="AP_S")
+    with pytest.raises(ValueError, match="share no evaluated epoch"):
+        viz.seed_band([_seed_curve([0.1, 0.2], every=2), [{"epoch": 1, "AP": 0.1}]])
+    with pytest.raises(ValueError, match="non-empty list"):
+        viz.seed_band([])
+
+
+def test_plot_seed_bands_shades_mean_pm_sd_and_marks_each_lr_drop():
+    several = viz.seed_band([_seed_curve([0.1, 0.2, 0.4]), _seed_curve([0.1, 0.4, 0.6])])
+    single = viz.seed_band([_seed_curve([0.05, 0.1])])
+    ax = viz.plot_seed_bands({"A": several, "B": single}, lr_drops={"A": 2, "B": 1}, hlines={"AP 5": 5.0},
+                             title="bands")
+    assert_labelled(ax)
+    assert ax.get_xscale() == "log"
+    mean_a, drop_a, mean_b, drop_b, threshold = ax.lines
+    assert mean_a.get_label() == "A (2 seeds, mean ± sd)" and mean_b.get_label() == "B (1 seed)"
+    np.testing.assert_allclose(mean_a.get_ydata(), several["mean"])
+    assert drop_a.get_xdata()[0] == 2 and drop_a.get_color() == mean_a.get_color()
+    assert drop_b.get_xdata()[0] == 1 and threshold.get_ydata()[0] == 5.0
+    assert len(ax.collections) == 1  # a band for the seeds of A only
+    lo, hi = ax.collections[0].get_paths()[0].vertices[:, 1].min(), ax.collections[0].get_paths()[0].vertices[:, 1].max()
+    assert lo == pytest.approx((several["mean"] - several["sd"]).min()) and hi == pytest.approx(
+        (several["mean"] + several["sd"]).max())
+    assert ax.get_legend() is not None and viz.plot_seed_bands({"A": several}, legend=None).get_legend() is None
+    with pytest.raises(ValueError, match="lr_drops names"):
+        viz.plot_seed_bands({"A": several}, lr_drops={"C": 1})
+    with pytest.raises(ValueError, match="lacks"):
+        viz.plot_seed_bands({"A": {"epoch": [1]}})
+    with pytest.raises(ValueError, match="non-empty"):
+        viz.plot_seed_bands({})
+
+
 # --------------------------------------------------------------------------------------
 # Attention maps and entropy
 # --------------------------------------------------------------------------------------
@@ -283,6 +332,8 @@ def _figures_of_every_plot():
     yield "plot_cost_curves", viz.plot_cost_curves({"a": ([16, 64, 256], [1.0, 4.0, 16.0])}).figure
     yield "plot_curves", viz.plot_curves(np.arange(5), {"a": np.arange(5.0)}).figure
     yield "plot_metric_curves", viz.plot_metric_curves({"run": ([1, 2, 3], [0.1, 0.2, 0.3])}).figure
+    band = viz.seed_band([[{"epoch": 1, "AP": 0.1}, {"epoch": 2, "AP": 0.3}]] * 2)
+    yield "plot_seed_bands", viz.plot_seed_bands({"run": band}, lr_drops={"run": 1.5}, hlines={"AP 5": 5}).figure
     yield "plot_bars", viz.plot_bars({"a": 1.0, "b": 2.0}).figure
     yield "plot_attention_map", viz.plot_attention_map(torch.rand(12).softmax(0), (3, 4)).figure
     yield "plot_entropy_bars", viz.plot_entropy_bars({"a": 1.0, "b": 2.0}).figure

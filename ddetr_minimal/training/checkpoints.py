@@ -1,6 +1,6 @@
 """Trained toy detectors kept in the repository: ``load_trained(name)``.
 
-The convergence experiment (:mod:`ddetr_minimal.training.experiments`) keeps, for one seed, the
+The repeated convergence experiment (:mod:`ddetr_minimal.training.repeated`) keeps, for one seed, the
 final weights of DETR, Deformable DETR and its variants, and DETR and Deformable DETR at 0, 10,
 50 and 100 % of their training. Each file holds the weights in half precision (a toy detector
 is well under 3 MB) and the hyper-parameters that rebuild the model; ``manifest.json`` beside

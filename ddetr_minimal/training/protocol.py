@@ -26,6 +26,9 @@ GROUPS = {
     "refine": ("deformable", ["--with-box-refine"], "+ iterative box refinement"),
     "two_stage": ("deformable", ["--with-box-refine", "--two-stage"], "++ two-stage"),
 }
+# group -> its name in the book's tables and figures
+LABELS = {"detr": "DETR", "deformable": "Deformable DETR", "single_scale": "single-scale Deformable DETR",
+          "refine": "+ box refinement", "two_stage": "++ two-stage"}
 SHORT_GROUPS = tuple(g for g in GROUPS if g != "detr")  # the runs on Deformable DETR's short schedule
 
 
@@ -187,14 +190,16 @@ def summarize(runs: list[dict], min_ap_s_gap: float = 0.05, noise: dict | None =
 
 def table(summary: dict) -> list[dict]:
     """One row per summarized group: seeds, epochs, lr drop, final AP and AP_S as mean +- sd
-    (percent), epochs to DETR's final AP (mean, and how many seeds reached it), mean wall seconds."""
+    (percent), epochs to DETR's final AP (mean, and how many seeds reached it), mean wall seconds,
+    and ``epochs_to``: per threshold label ``(mean, sd, reached)`` over the seeds that reached it."""
     rows = []
     for group, g in summary["groups"].items():
         reach = g["epochs_to"].get("DETR final AP", {})
         rows.append({"group": group, "seeds": len(g["seeds"]), "epochs": g["epochs"], "lr_drop": g["lr_drop"],
                      **{k: (100 * g["final"][k]["mean"], 100 * g["final"][k]["sd"]) for k in ("AP", "AP_S")},
                      "epochs_to_detr_final": (reach.get("mean"), reach.get("reached", 0)),
-                     "wall_seconds": g["wall_seconds"]["mean"]})
+                     "wall_seconds": g["wall_seconds"]["mean"],
+                     "epochs_to": {label: (e["mean"], e["sd"], e["reached"]) for label, e in g["epochs_to"].items()}})
     return rows
 
 

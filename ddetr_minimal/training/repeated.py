@@ -282,3 +282,16 @@ def run_jobs(jobs: dict, runs_dir: Path, parallel: int, threads: int, on_finish)
                 raise SystemExit(f"training {name} failed (exit {proc.returncode}); end of its log:\n{tail}")
             last = on_finish(name)
     return last
+
+
+def main(argv=None) -> None:
+    """``python -m ddetr_minimal experiments seeds [options]``: the recorded experiment."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "seeds":
+        raise SystemExit(f"usage: python -m ddetr_minimal experiments seeds [options] (add --help after seeds); "
+                         f"got {' '.join(argv) or 'no experiment'}")
+    seeds(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

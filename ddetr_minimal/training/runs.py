@@ -1,4 +1,4 @@
-"""Pieces shared by the recorded experiments: the toy dataset they use, a run's curve, a training
+"""Pieces of the recorded experiment: the toy dataset it uses, a run's curve, a training
 started as a subprocess with its log."""
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def launch(name: str, train_args: list[str], run_dir: Path, threads: int) -> sub
 
 
 def add_toy_data_arguments(p, num_val: int, pretrain_num_val: int, small_sides=BUCKETS["small"]) -> None:
-    """The experiments' shared flags: the toy dataset, and the one the backbone is pretrained on."""
+    """The experiment's data flags: the toy dataset, and the one the backbone is pretrained on."""
     p.add_argument("--data", default="data/toy_convergence", help="toy dataset folder (generated when missing)")
     p.add_argument("--num-train", type=int, default=400)
     p.add_argument("--num-val", type=int, default=num_val)

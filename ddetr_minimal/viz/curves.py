@@ -1,8 +1,8 @@
 """Curves and bars: cost against map size on log-log axes with fitted exponents, training and metric
-curves, bar charts."""
+curves, mean +- sd bands over seeds, bar charts."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -121,4 +121,73 @@ def plot_bars(values: Mapping[str, float], ax: Optional[Axes] = None, title: str
         ax.set_ylabel(ylabel)
         ax.set_ylim(0, max(v) * 1.2 if max(v) > 0 else 1)
     ax.set_title(title)
+    return ax
+
+
+def seed_band(curves: Sequence[Sequence[Mapping]], key: str = "AP", scale: float = 100.0) -> dict:
+    """Mean and sample standard deviation over seeds of metric ``key`` at every epoch that all
+    ``curves`` (one per seed: per-epoch records ``{"epoch", key, ...}``) evaluated.
+
+    Returns ``{"epoch", "mean", "sd", "n"}`` (arrays, ``scale`` times the values: percent by
+    default); ``sd`` divides by ``n - 1`` and is 0 for a single seed."""
+    if isinstance(curves, (str, Mapping)) or len(curves) == 0:
+        raise ValueError(f"curves must be a non-empty list of per-epoch curves, one per seed; got {type(curves).__name__}")
+    per_seed = []
+    for i, curve in enumerate(curves):
+        rows = {int(r["epoch"]): float(r[key]) for r in curve if key in r}
+        if not rows:
+            raise ValueError(f"curves[{i}] has no epoch with {key!r}; its keys are "
+                             f"{sorted({k for r in curve for k in r})}")
+        per_seed.append(rows)
+    epochs = sorted(set.intersection(*(set(r) for r in per_seed)))
+    if not epochs:
+        raise ValueError(f"the {len(curves)} curves share no evaluated epoch for {key!r}")
+    values = scale * np.array([[rows[e] for e in epochs] for rows in per_seed])  # (seeds, epochs)
+    sd = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(epochs))
+    return {"epoch": np.array(epochs), "mean": values.mean(axis=0), "sd": sd, "n": len(values)}
+
+
+def plot_seed_bands(bands: Mapping[str, dict], ax: Optional[Axes] = None, title: str = "",
+                    xlabel: str = "epoch (log scale)", ylabel: str = "AP (%)", logx: bool = True,
+                    lr_drops: Optional[Mapping[str, float]] = None,
+                    hlines: Optional[Mapping[str, float]] = None, legend: Optional[str] = "best") -> Axes:
+    """Each entry of ``bands`` (label -> :func:`seed_band`) as its mean line with a shaded
+    mean +- sd band (a plain line for one seed), the label followed by its number of seeds.
+    ``lr_drops`` (label -> epoch) marks a model's learning-rate drop with a dashed vertical line in
+    its colour; ``hlines`` draws labelled horizontal reference lines (thresholds). ``legend`` is
+    the legend's ``loc`` (None: no legend, e.g. when another panel shows it)."""
+    if not isinstance(bands, Mapping) or len(bands) == 0:
+        raise ValueError("bands must be a non-empty mapping label -> seed_band(...)")
+    unknown = sorted(set(lr_drops or {}) - set(bands))
+    if unknown:
+        raise ValueError(f"lr_drops names {unknown}, which are not in bands {sorted(bands)}")
+    ax = _axes(ax, figsize=(COLUMN_INCHES, 4))
+    for label, band in bands.items():
+        if not isinstance(band, Mapping):
+            raise ValueError(f"bands[{label!r}] must be a seed_band(...) dict, got {type(band).__name__}")
+        missing = {"epoch", "mean", "sd", "n"} - set(band)
+        if missing:
+            raise ValueError(f"bands[{label!r}] must be a seed_band(...) dict; it lacks {sorted(missing)}")
+        x, mean, sd = (_numpy(band[k]) for k in ("epoch", "mean", "sd"))
+        if not x.shape == mean.shape == sd.shape:
+            raise ValueError(f"bands[{label!r}]: epoch, mean and sd have shapes {x.shape}, {mean.shape}, {sd.shape}")
+        n = band["n"]
+        line, = ax.plot(x, mean, marker="o", markersize=2.5,
+                        label=f"{label} ({n} seed{'s' if n != 1 else ''}{', mean ± sd' if n > 1 else ''})")
+        if n > 1:
+            ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.25, linewidth=0)
+        if lr_drops and label in lr_drops:
+            ax.axvline(lr_drops[label], color=line.get_color(), linestyle="--", linewidth=1)
+    for label, value in (hlines or {}).items():
+        ax.axhline(value, linestyle=":", color="gray", linewidth=1)
+        ax.annotate(label, (0.005, value), xycoords=("axes fraction", "data"), textcoords="offset points",
+                    xytext=(2, 2), fontsize="small", color="gray")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    if legend is not None:
+        ax.legend(fontsize="small", loc=legend)
     return ax
