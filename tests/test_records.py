@@ -32,3 +32,31 @@ def test_write_json_replaces_the_whole_file(tmp_path):
     with pytest.raises(TypeError):  # not JSON: the previous file stays whole
         records.write_json(path, {"bad": object()})
     assert json.loads(path.read_text()) == {"short": 1}
+
+
+def _commits(node):
+    """Every value of a "commit" key anywhere in a JSON document."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "commit" and isinstance(value, str):
+                yield value
+            else:
+                yield from _commits(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _commits(value)
+
+
+def test_every_committed_record_comes_from_committed_code():
+    """A record made from a tree with uncommitted changes (commit ``...-dirty``) cannot be
+    reproduced from its commit, so none may be part of the repository."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "data"
+    files = sorted(root.glob("results/*.json")) + sorted(root.glob("bench/**/*.json")) + sorted(
+        root.glob("checkpoints/*.json"))
+    assert files, f"no records found under {root}"
+    dirty = {str(f.relative_to(root)): c for f in files for c in _commits(json.loads(f.read_text()))
+             if c.endswith("-dirty")}
+    assert not dirty, f"records made from uncommitted code (re-record them from a commit): {dirty}"
