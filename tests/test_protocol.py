@@ -266,7 +266,7 @@ def test_an_existing_pretrained_backbone_is_reused_with_its_record(tmp_path):
     weights = tmp_path / "backbone.pth"
     pretrain(pre, weights, epochs=1, batch_size=2, log=lambda *a: None)
     base = ["--pretrain-data", str(pre), "--pretrain-num-train", "2", "--pretrain-num-val", "2",
-            "--image-size", "160", "--data", str(tmp_path / "toy")]
+            "--image-size", "160", "--small-sides", "10,24", "--data", str(tmp_path / "toy")]
     args = repeated.build_parser().parse_args([*base, "--backbone-weights", str(weights)])
     record = repeated.pretrained_backbone(args, tmp_path / "runs")
     assert record["weights"] == str(weights) and record["epochs"] == 1 and len(record["sha256"]) == 64

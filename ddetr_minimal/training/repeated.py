@@ -42,7 +42,8 @@ SHARED_KEYS = ("preset", "backbone", "d_model", "n_heads", "enc_layers", "dec_la
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddetr_minimal experiments seeds",
                                 description="DETR vs Deformable DETR convergence over seeds, each on its own schedule.")
-    add_toy_data_arguments(p, num_val=1000, pretrain_num_val=300)
+    # small objects of 18 to 30 px a side: 2 to 4 cells of the stride-8 map, under one of stride 32
+    add_toy_data_arguments(p, num_val=1000, pretrain_num_val=300, small_sides=(18.0, 30.0))
     p.add_argument("--pretrain-epochs", type=int, default=12)
     p.add_argument("--pretrain-seed", type=int, default=42)
     p.add_argument("--backbone-weights", help="start every run from this file of python -m ddetr_minimal pretrain "
