@@ -12,7 +12,7 @@ The sub-packages follow the order in which data flows and the book teaches:
 * :mod:`ddetr_minimal.training` -- the training engine, the command lines, backbone pretraining and
   the recorded experiment (chapters 7, 8);
 * :mod:`ddetr_minimal.measure` -- timing, memory, cost counters and fits, provenance of records,
-  the benchmarks (chapters 1, 2, 4, 9);
+  the benchmarks and attention statistics (chapters 1, 2, 4, 9, 10);
 * :mod:`ddetr_minimal.viz` -- the plots, one module per topic (every chapter).
 
 Commands: ``python -m ddetr_minimal <command>`` (``python -m ddetr_minimal --help`` lists them).

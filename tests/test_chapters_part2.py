@@ -1,4 +1,4 @@
-"""Chapters 5-9 (the detector part of the book): static checks of the notebooks, and the
+"""Chapters 5-10 (the detector part of the book): static checks of the notebooks, and the
 plotting functions they use from :mod:`ddetr_minimal.viz`.
 
 The chapters are executed by the book build (tests/test_book.py); here we check what the
@@ -25,7 +25,8 @@ from ddetr_minimal.viz.curves import plot_bars, plot_metric_curves
 from ddetr_minimal.viz.detection import plot_cost_matrix, plot_matching  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAPTERS = ["ch05_model", "ch06_matching_losses", "ch07_training", "ch08_refinement_two_stage", "ch09_limitations"]
+CHAPTERS = ["ch05_model", "ch06_matching_losses", "ch07_training", "ch08_refinement_two_stage", "ch09_trained_models",
+            "ch10_limitations"]
 FIRST_CELL = install_cell(repository_url())  # the one _config.yml's repository gives
 
 

@@ -26,6 +26,24 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert _digest(a) != _digest(c)
 
 
+
+def test_the_first_validation_images_do_not_depend_on_the_split_sizes(tmp_path):
+    """Every image has its own random stream: a chapter can regenerate the first K validation
+    images of a recorded dataset without writing all of it."""
+    few = generate(tmp_path / "few", num_train=1, num_val=3, image_size=160, seed=7, small_sides=(12, 20),
+                   progress=False)
+    many = generate(tmp_path / "many", num_train=6, num_val=5, image_size=160, seed=7, small_sides=(12, 20),
+                    progress=False)
+    for i in range(3):
+        assert (few / "val" / f"{i:06d}.jpg").read_bytes() == (many / "val" / f"{i:06d}.jpg").read_bytes()
+    assert (few / "train" / "000000.jpg").read_bytes() == (many / "train" / "000000.jpg").read_bytes()
+    ann_few, ann_many = (json.loads((d / "annotations" / "instances_val.json").read_text()) for d in (few, many))
+    first = [{k: a[k] for k in ("image_id", "category_id", "bbox")} for a in ann_few["annotations"]]
+    same = [{k: a[k] for k in ("image_id", "category_id", "bbox")} for a in ann_many["annotations"] if a["image_id"] <= 3]
+    assert first == same and len(first) > 0
+    other = generate(tmp_path / "other", num_train=1, num_val=3, image_size=160, seed=8, progress=False)
+    assert (other / "val" / "000000.jpg").read_bytes() != (few / "val" / "000000.jpg").read_bytes()
+
 def test_coco_layout_and_valid_boxes(tmp_path):
     out = generate(tmp_path / "toy", num_train=5, num_val=4, image_size=192, seed=0, progress=False)
     for split, n in (("train", 5), ("val", 4)):

@@ -3,7 +3,8 @@
 The metrics are the standard twelve numbers of ``COCOeval.summarize()``; we name the six the
 papers report (``AP``, ``AP50``, ``AP75``, ``AP_S``, ``AP_M``, ``AP_L``) and the recalls.
 Values are fractions in [0, 1] (multiply by 100 for the papers' convention); pycocotools
-writes -1 for a size bucket without ground truth.
+writes -1 for a size bucket without ground truth. :func:`recall_by_size` counts the objects
+found per size bucket at one IoU and a fixed number of detections per image.
 """
 from __future__ import annotations
 
@@ -58,3 +59,63 @@ def coco_box_metrics(coco_gt, results: list[dict], image_ids=None) -> dict:
 def format_metrics(metrics: dict) -> str:
     """One line with the six AP numbers, in percent."""
     return "  ".join(f"{k} {100 * metrics[k]:.1f}" for k in METRIC_NAMES[:6] if k in metrics)
+
+
+SIZE_BUCKETS = ("small", "medium", "large")
+
+
+def pixel_ground_truth(targets) -> list[dict]:
+    """The dataset's targets (boxes normalised (cx, cy, w, h)) as ``{"labels", "boxes"}`` with
+    boxes in pixel xyxy of each original image (``orig_size``), as detections are."""
+    from torchvision.ops import box_convert
+
+    out = []
+    for t in targets:
+        h, w = (float(v) for v in t["orig_size"])
+        boxes = box_convert(t["boxes"].double(), "cxcywh", "xyxy") * torch.tensor([w, h, w, h], dtype=torch.float64)
+        out.append({"labels": t["labels"], "boxes": boxes})  # (n,), (n, 4)
+    return out
+
+
+def size_bucket(area: float) -> str:
+    """COCO's bucket of a box area in pixels: small < 32^2 <= medium <= 96^2 < large."""
+    return "small" if area < 32 ** 2 else "large" if area > 96 ** 2 else "medium"
+
+
+def recall_by_size(detections, ground_truth, iou: float = 0.5, top_k: int = 10) -> dict:
+    """The share of ground-truth objects found, per COCO size bucket.
+
+    ``detections[i]`` holds ``scores``, ``labels`` and ``boxes`` (n, 4) pixel xyxy of image
+    ``i``; ``ground_truth[i]`` holds ``labels`` and ``boxes`` (m, 4) pixel xyxy. Only the
+    ``top_k`` highest-scoring detections of an image count. As in COCO's evaluation, detections
+    are taken best first and each claims the unclaimed object of its class with which it has the
+    highest IoU, if that IoU is at least ``iou``. Returns ``{bucket: {"found", "total",
+    "recall"}}`` (recall None for an empty bucket), buckets by the box area ``w * h``.
+    """
+    from torchvision.ops import box_iou
+
+    if len(detections) != len(ground_truth):
+        raise ValueError(f"detections has {len(detections)} images but ground_truth has {len(ground_truth)}")
+    if not 0.0 < iou <= 1.0:
+        raise ValueError(f"iou must be in (0, 1], got {iou!r}")
+    if not isinstance(top_k, int) or top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    counts = {b: {"found": 0, "total": 0} for b in SIZE_BUCKETS}
+    for det, gt in zip(detections, ground_truth):
+        gt_boxes = torch.as_tensor(gt["boxes"], dtype=torch.float64).reshape(-1, 4)  # (m, 4)
+        gt_labels = torch.as_tensor(gt["labels"]).reshape(-1)  # (m,)
+        order = torch.as_tensor(det["scores"]).argsort(descending=True)[:top_k]
+        boxes = torch.as_tensor(det["boxes"], dtype=torch.float64).reshape(-1, 4)[order]  # (k, 4)
+        labels = torch.as_tensor(det["labels"]).reshape(-1)[order]  # (k,)
+        found = torch.zeros(len(gt_boxes), dtype=torch.bool)
+        if len(gt_boxes) and len(boxes):
+            overlaps = box_iou(boxes, gt_boxes)  # (k, m)
+            for d in range(len(boxes)):
+                cand = (~found) & (gt_labels == labels[d]) & (overlaps[d] >= iou)  # (m,)
+                if cand.any():
+                    found[int(torch.where(cand, overlaps[d], -1.0).argmax())] = True
+        areas = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])  # (m,)
+        for a, f in zip(areas.tolist(), found.tolist()):
+            counts[size_bucket(a)]["total"] += 1
+            counts[size_bucket(a)]["found"] += int(f)
+    return {b: {**c, "recall": c["found"] / c["total"] if c["total"] else None} for b, c in counts.items()}

@@ -1,4 +1,4 @@
-"""The models (chapters 1-3, 5, 6, 8), from the attention layers up to the detectors.
+"""The models (chapters 1-3, 5, 6, 8, 9), from the attention layers up to the detectors.
 
 * :mod:`.attention` -- multi-head attention written out (what DETR uses);
 * :mod:`.deformable_attention` -- ``MSDeformAttn``: offsets, weights, projections, the paper's init;
@@ -11,5 +11,6 @@
 * :mod:`.build` -- ``build_model``, the factory;
 * :mod:`.released` -- ``load_released``: the released COCO models, from the official files or the
   Hugging Face hub (layouts in :mod:`.official_checkpoint` and :mod:`.hf_checkpoint`);
-* :mod:`.inference` -- photos to a padded batch, confident detections, a decoder layer's sampling points.
+* :mod:`.inference` -- photos to a padded batch, confident detections, where encoder and decoder
+  layers sample (Deformable DETR) or attend (DETR).
 """

@@ -1,7 +1,10 @@
 """Run a detector on photos: normalise and pad them into a batch, keep the confident
-detections, and read where a decoder layer's cross-attention samples.
+detections, and read where the attention looks: where an encoder or decoder layer of Deformable
+DETR samples (:func:`encoder_sampling`, :func:`decoder_sampling`), and how DETR's decoder
+cross-attention spreads over its map (:func:`detr_cross_attention`).
 
-Used by the book's page on the released COCO models; every function works on any
+Used by the book's page on the released COCO models and the chapter on the trained toy
+detectors; the sampling functions work on any
 :class:`~ddetr_minimal.models.deformable_detr.DeformableDETR` (trained here or loaded).
 """
 from __future__ import annotations
@@ -68,17 +71,10 @@ def detect(model: nn.Module, postprocessor: nn.Module, photos: Sequence[Tensor],
     return kept
 
 
-@torch.no_grad()
-def decoder_sampling(model: nn.Module, images: Tensor, mask: Tensor, layer: int = -1) -> Dict[str, object]:
-    """Where decoder layer ``layer``'s cross-attention samples, for every query.
-
-    Returns ``locations`` (N, Lq, M, L, P, 2) normalised (x, y) on the padded image,
-    ``weights`` (N, Lq, M, L, P), the layer's ``reference_points`` (N, Lq, L, 2|4) as it
-    received them, ``spatial_shapes`` (L, 2) and the model's ``outputs``.
-    """
-    attn = model.transformer.decoder.layers[layer].cross_attn
+def _run_capturing(model: nn.Module, attn: nn.Module, images: Tensor, mask: Tensor) -> Tuple[dict, dict]:
+    """Run ``model`` once and keep the query, reference points and spatial shapes that the
+    :class:`~.deformable_attention.MSDeformAttn` module ``attn`` received. Returns ``(seen, outputs)``."""
     seen = {}
-
     signature = inspect.signature(attn.forward)
 
     def hook(module, args, kwargs):
@@ -92,6 +88,107 @@ def decoder_sampling(model: nn.Module, images: Tensor, mask: Tensor, layer: int 
         outputs = model(images, mask)
     finally:
         handle.remove()
+    return seen, outputs
+
+
+def _check_layer(layers, layer: int, what: str) -> None:
+    if not isinstance(layer, int) or not -len(layers) <= layer < len(layers):
+        raise ValueError(f"layer must index the {len(layers)} {what} layers (-{len(layers)} to "
+                         f"{len(layers) - 1}), got {layer!r}")
+
+
+@torch.no_grad()
+def decoder_sampling(model: nn.Module, images: Tensor, mask: Tensor, layer: int = -1) -> Dict[str, object]:
+    """Where decoder layer ``layer``'s cross-attention samples, for every query.
+
+    Returns ``locations`` (N, Lq, M, L, P, 2) normalised (x, y) on the padded image,
+    ``weights`` (N, Lq, M, L, P), the layer's ``reference_points`` (N, Lq, L, 2|4) as it
+    received them, ``spatial_shapes`` (L, 2) and the model's ``outputs``.
+    """
+    layers = model.transformer.decoder.layers
+    _check_layer(layers, layer, "decoder")
+    attn = layers[layer].cross_attn
+    seen, outputs = _run_capturing(model, attn, images, mask)
     locations, weights = attn.sampling(seen["query"], seen["ref"], seen["shapes"])
     return {"locations": locations, "weights": weights, "reference_points": seen["ref"],
             "spatial_shapes": seen["shapes"], "outputs": outputs}
+
+
+@torch.no_grad()
+def encoder_sampling(model: nn.Module, images: Tensor, mask: Tensor, layer: int = -1) -> Dict[str, object]:
+    """Where encoder layer ``layer``'s self-attention samples, for every token (one per pixel of
+    every level, in the order of the flattened levels).
+
+    Returns ``locations`` (N, S, M, L, P, 2) normalised (x, y) on the padded image,
+    ``weights`` (N, S, M, L, P), ``reference_points`` (N, S, L, 2) (each token's own pixel
+    centre, in every level's frame), ``spatial_shapes`` (L, 2), ``level_start_index`` (L,) and
+    the model's ``outputs``. :func:`token_index` finds the token of an image point.
+    """
+    layers = model.transformer.encoder.layers
+    _check_layer(layers, layer, "encoder")
+    attn = layers[layer].self_attn
+    seen, outputs = _run_capturing(model, attn, images, mask)
+    locations, weights = attn.sampling(seen["query"], seen["ref"], seen["shapes"])
+    shapes = seen["shapes"]
+    start = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])  # (L,)
+    return {"locations": locations, "weights": weights, "reference_points": seen["ref"],
+            "spatial_shapes": shapes, "level_start_index": start, "outputs": outputs}
+
+
+def token_index(spatial_shapes: Tensor, level: int, x: float, y: float) -> int:
+    """The flattened token of level ``level`` whose pixel holds the normalised point ``(x, y)``
+    (in [0, 1] of the padded image): its index into the S tokens of :func:`encoder_sampling`."""
+    L = spatial_shapes.shape[0]
+    if not isinstance(level, int) or not 0 <= level < L:
+        raise ValueError(f"level must be in [0, {L}), got {level!r}")
+    if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+        raise ValueError(f"(x, y) must be a normalised point in [0, 1], got ({x!r}, {y!r})")
+    sizes = spatial_shapes.prod(1).tolist()  # H_l * W_l of each level
+    H, W = (int(v) for v in spatial_shapes[level])
+    row, col = min(int(y * H), H - 1), min(int(x * W), W - 1)
+    return int(sum(sizes[:level])) + row * W + col
+
+
+@torch.no_grad()
+def detr_cross_attention(model: nn.Module, images: Tensor, mask: Tensor, layer: int = -1) -> Dict[str, object]:
+    """The attention of DETR's decoder layer ``layer`` from every query to every position of the
+    stride-32 map: ``weights`` (N, M, Lq, S) (softmax over the S = H * W positions, padding at
+    0), ``spatial_shape`` (H, W), ``padding_mask`` (N, S) and the model's ``outputs``."""
+    layers = model.transformer.decoder_layers
+    _check_layer(layers, layer, "decoder")
+    seen = {}
+
+    def keep_weights(module, args, kwargs, output):
+        seen["weights"] = output[1]  # MultiHeadAttention returns (output, attention)
+        seen["padding"] = kwargs.get("key_padding_mask", args[3] if len(args) > 3 else None)
+
+    def keep_shape(module, args, output):
+        seen["shape"] = tuple(int(v) for v in output.shape[-2:])  # (H, W) of the projected map
+
+    handles = [layers[layer].cross_attn.register_forward_hook(keep_weights, with_kwargs=True),
+               model.input_proj.register_forward_hook(keep_shape)]
+    try:
+        model.eval()
+        outputs = model(images, mask)
+    finally:
+        for h in handles:
+            h.remove()
+    weights = seen["weights"]  # (N, M, Lq, S)
+    padding = seen["padding"]
+    if padding is None:
+        padding = torch.zeros(weights.shape[0], weights.shape[-1], dtype=torch.bool, device=weights.device)
+    return {"weights": weights, "spatial_shape": seen["shape"], "padding_mask": padding, "outputs": outputs}
+
+
+@torch.no_grad()
+def detect_batch(model: nn.Module, postprocessor: nn.Module, images: Tensor, mask: Tensor, sizes: Tensor,
+                 batch_size: int = 50) -> List[Dict[str, Tensor]]:
+    """The post-processed detections of already prepared ``images`` (N, 3, H, W) with ``mask``
+    (N, H, W), in pixels of ``sizes`` (N, 2) as (h, w), run ``batch_size`` images at a time."""
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    model.eval()
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        out += postprocessor(model(images[i:i + batch_size], mask[i:i + batch_size]), sizes[i:i + batch_size])
+    return out

@@ -190,4 +190,33 @@ def plot_seed_bands(bands: Mapping[str, dict], ax: Optional[Axes] = None, title:
     ax.grid(True, which="both", alpha=0.3)
     if legend is not None:
         ax.legend(fontsize="small", loc=legend)
+
+
+def plot_grouped_bars(values: Mapping[str, Mapping[str, float]], ax: Optional[Axes] = None, title: str = "",
+                      ylabel: str = "value", fmt: str = "{:.2f}") -> Axes:
+    """Bars grouped by category: ``values`` maps a series (e.g. a model) to ``{category: value}``,
+    every series over the same categories; each bar is annotated with its value (``fmt``)."""
+    if not isinstance(values, Mapping) or len(values) == 0:
+        raise ValueError("values must be a non-empty mapping series -> {category: value}")
+    series = list(values)
+    categories = list(values[series[0]])
+    for s in series:
+        if list(values[s]) != categories:
+            raise ValueError(f"every series must have the categories {categories}, {s!r} has {list(values[s])}")
+    ax = _axes(ax)
+    width = 0.8 / len(series)
+    colors = plt.cm.viridis(np.linspace(0.2, 0.8, len(series)))
+    top = 0.0
+    for i, s in enumerate(series):
+        xs = np.arange(len(categories)) + (i - (len(series) - 1) / 2) * width
+        v = [float(values[s][c]) for c in categories]
+        top = max(top, *v)
+        ax.bar(xs, v, width, color=colors[i], label=s)
+        for x, y in zip(xs, v):
+            ax.annotate(fmt.format(y), (x, y), ha="center", va="bottom", fontsize="small")
+    ax.set_xticks(range(len(categories)), categories)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, top * 1.2 if top > 0 else 1)
+    ax.legend(fontsize="small")
+    ax.set_title(title)
     return ax

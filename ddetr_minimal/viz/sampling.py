@@ -1,5 +1,5 @@
 """Where deformable attention looks: one bilinear sample, and a query's sampling points on an image,
-all levels on one image or one panel per level."""
+all levels on one image or one panel per level, and the paper's appendix figure (queries by levels)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -192,4 +192,64 @@ def plot_sampling_levels(image, locations: torch.Tensor, spatial_shapes: torch.T
     axes[0, -1].legend(fontsize=MIN_FONT_PT, loc="upper right", framealpha=0.8)
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_sampling_grid(image, locations: torch.Tensor, weights: torch.Tensor, spatial_shapes: torch.Tensor,
+                       reference_points: Optional[torch.Tensor] = None, boxes: Optional[torch.Tensor] = None,
+                       row_labels: Optional[Sequence[str]] = None, title: str = "") -> Figure:
+    """The appendix figure of the paper at any scale: one row per query, one column per level,
+    each panel the image with that level's sampling points of every head, coloured by their
+    attention weight (one colour scale for the figure, shown as a colour bar).
+
+    ``locations`` (Q, M, L, P, 2) normalised (x, y) and ``weights`` (Q, M, L, P) of ``Q``
+    queries; ``reference_points`` (Q, 2) or (Q, L, 2) normalised, drawn as green crosses;
+    ``boxes`` (Q, 4) image-pixel (x0, y0, x1, y1), drawn around each row (a detection or an
+    object); ``spatial_shapes`` (L, 2) names each column's map size.
+    """
+    _check_locations(locations, weights)
+    Q, M, L, P, _ = locations.shape
+    if tuple(spatial_shapes.shape) != (L, 2):
+        raise ValueError(f"spatial_shapes must have shape ({L}, 2) for L={L} levels, got {shape_str(spatial_shapes)}")
+    if row_labels is not None and len(row_labels) != Q:
+        raise ValueError(f"row_labels must have one entry per query ({Q}), got {len(row_labels)}")
+    if boxes is not None and tuple(boxes.shape) != (Q, 4):
+        raise ValueError(f"boxes must have shape ({Q}, 4) as pixel (x0, y0, x1, y1), got {shape_str(boxes)}")
+    img = _image_hwc(image)
+    Hi, Wi = img.shape[:2]
+    loc, w = _numpy(locations), _numpy(weights)
+    ref = None if reference_points is None else _numpy(reference_points).reshape(Q, -1, 2)  # (Q, 1 or L, 2)
+    side = (COLUMN_INCHES - 0.7) / L
+    fig, axes = plt.subplots(Q, L, figsize=(COLUMN_INCHES, side * Q + 0.8), squeeze=False)
+    norm = plt.Normalize(0.0, float(w.max()))
+    for q in range(Q):
+        for l in range(L):
+            ax = axes[q, l]
+            ax.imshow(img, extent=(0, Wi, Hi, 0))
+            pts = loc[q, :, l].reshape(-1, 2)  # (M*P, 2)
+            order = np.argsort(w[q, :, l].reshape(-1))  # heaviest points drawn last, on top
+            ax.scatter(pts[order, 0] * Wi, pts[order, 1] * Hi, c=w[q, :, l].reshape(-1)[order], cmap="plasma",
+                       norm=norm, s=16, edgecolors="white", linewidths=0.4, zorder=3)
+            if ref is not None:
+                r = ref[q, l if ref.shape[1] > 1 else 0]  # (2,)
+                ax.scatter([r[0] * Wi], [r[1] * Hi], marker="+", s=90, color="lime", linewidths=2, zorder=4)
+            if boxes is not None:
+                x0, y0, x1, y1 = (float(v) for v in _numpy(boxes)[q])
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.2))
+            ax.set_xlim(0, Wi)
+            ax.set_ylim(Hi, 0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if q == 0:
+                Hl, Wl = (int(v) for v in spatial_shapes[l])
+                ax.set_title(f"level {l} ({Hl} x {Wl})", fontsize=MIN_FONT_PT + 1)
+            if l == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[q], fontsize=MIN_FONT_PT + 1)
+    fig.subplots_adjust(left=0.06, right=0.88, top=0.9 if title else 0.95, bottom=0.03, wspace=0.05, hspace=0.08)
+    cax = fig.add_axes([0.9, 0.1, 0.02, 0.75])
+    bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="plasma"), cax=cax)
+    bar.set_label("attention weight", fontsize=MIN_FONT_PT + 1)
+    bar.ax.tick_params(labelsize=MIN_FONT_PT)
+    if title:
+        fig.suptitle(title)
     return fig
