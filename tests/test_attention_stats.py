@@ -15,6 +15,7 @@ from ddetr_minimal.measure.attention_stats import (  # noqa: E402
     attention_statistics,
     box_share,
     cell_box_overlap,
+    level_shares,
     map_mass_in_box,
     normalised_entropy,
     points_mass_in_box,
@@ -100,6 +101,15 @@ def test_uniform_attention_puts_the_boxs_share_of_the_image_in_it():
         map_mass_in_box(torch.zeros(2, 15), boxes[:2], (4, 4))
 
 
+def test_level_shares_sum_each_levels_points_and_average_the_heads():
+    w = torch.zeros(2, 3, 4)  # (M, L, P)
+    w[0, 0] = 0.25  # head 0: all on level 0
+    w[1, 1, :2] = 0.5  # head 1: all on level 1
+    assert torch.allclose(level_shares(w), torch.tensor([0.5, 0.5, 0.0]))
+    with pytest.raises(ValueError, match="M, L, P"):
+        level_shares(torch.zeros(4, 4))
+
+
 def test_points_mass_sums_the_weights_of_the_points_inside():
     box = torch.tensor([[0.2, 0.2, 0.6, 0.6]])
     loc = torch.rand(1, 4, 12, 2) * 0.4 + 0.2  # (B, M, K, 2) all inside
@@ -172,13 +182,17 @@ def test_statistics_cover_every_matched_object(kind):
     model, _, _ = build_model(kind, num_classes=5, **TINY, **({"detr_focal": True} if kind == "detr" else {}))
     images, mask, targets = _batch()
     stats = attention_statistics(model, images, mask, targets, batch_size=1)
-    assert all(v.shape == (3,) for v in stats.values())  # three objects in the batch
+    # three objects in the batch
+    assert all(v.shape == (3,) for k, v in stats.items() if k != "level_share")
     assert ((stats["entropy"] >= 0) & (stats["entropy"] <= 1 + 1e-6)).all()
     assert ((stats["mass_in_box"] >= 0) & (stats["mass_in_box"] <= 1 + 1e-6)).all()
     assert torch.allclose(stats["box_share"], torch.tensor([0.2 * 0.3, 0.3 * 0.2, 0.4 * 0.4 * 64 / 96]))
     assert torch.allclose(stats["area"], torch.tensor([0.2 * W * 0.3 * H, 0.3 * W * 0.2 * H, 0.4 * 64 * 0.4 * H]))
     if kind == "deformable":  # the paper's initialisation: uniform weights over the L * P points
         assert torch.allclose(stats["entropy"], torch.ones(3), atol=1e-5)
+        assert torch.allclose(stats["level_share"], torch.full((3, 4), 0.25))
+    else:
+        assert "level_share" not in stats
     means = summarize(stats)
     assert means["queries"] == 3
     assert means["mass_over_uniform"] == pytest.approx(means["mass_in_box"] / means["box_share"])
@@ -266,3 +280,38 @@ def test_grouped_bars_draw_one_bar_per_series_and_category():
     with pytest.raises(ValueError, match="categories"):
         plot_grouped_bars({"a": {"x": 1.0}, "b": {"y": 1.0}})
     plt.close("all")
+
+
+def test_snapshots_are_a_groups_checkpoints_in_epoch_order(tmp_path):
+    from ddetr_minimal.training import checkpoints
+
+    entries = {f"{g}_s{s}_e{e:03d}": {"file": "x.pth", "group": g, "seed": s, "epoch": e, "of_epochs": 20}
+               for g in ("detr", "deformable") for s in (0, 1) for e in (20, 0, 2, 10)}
+    checkpoints.write_manifest(tmp_path, entries, {"command": "c", "commit": "x"})
+    assert checkpoints.snapshots("detr", 1, tmp_path) == ["detr_s1_e000", "detr_s1_e002", "detr_s1_e010",
+                                                          "detr_s1_e020"]
+    assert checkpoints.final_checkpoint("deformable", 0, tmp_path) == "deformable_s0_e020"
+    with pytest.raises(KeyError, match="refine"):
+        checkpoints.snapshots("refine", 0, tmp_path)
+
+
+def test_ground_truth_marks_exactly_the_small_objects():
+    from ddetr_minimal.viz.detection import draw_ground_truth
+
+    fig, ax = plt.subplots()
+    draw_ground_truth(ax, torch.tensor([[0.0, 0, 31, 33], [0, 0, 32, 32], [10, 10, 20, 20]]))
+    assert [p.get_edgecolor()[:3] for p in ax.patches] == [(1.0, 0, 0), (1.0, 1.0, 1.0), (1.0, 0, 0)]
+    assert [t.get_text() for t in ax.texts] == ["small", "small"]
+    plt.close("all")
+
+
+def test_top_queries_are_the_best_scoring_with_their_boxes_in_pixels():
+    from ddetr_minimal.models.inference import top_queries
+
+    logits = torch.tensor([[[-5.0, 1.0], [3.0, -2.0], [0.0, 0.5]]])  # (N, Lq, num_classes)
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.25, 0.5, 0.5, 1.0], [0.1, 0.1, 0.1, 0.1]]])
+    top = top_queries({"pred_logits": logits, "pred_boxes": boxes}, 2, (100, 200))
+    assert top["queries"].tolist() == [1, 0] and top["labels"].tolist() == [0, 1]
+    assert torch.allclose(top["boxes"][0], torch.tensor([0.0, 0, 100, 100]))
+    with pytest.raises(ValueError, match="k must"):
+        top_queries({"pred_logits": logits, "pred_boxes": boxes}, 4, (100, 200))

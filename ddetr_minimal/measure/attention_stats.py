@@ -113,6 +113,15 @@ def points_mass_in_box(locations: Tensor, weights: Tensor, boxes: Tensor) -> Ten
     return (weights * inside).sum(-1)
 
 
+def level_shares(weights: Tensor) -> Tensor:
+    """Attention ``weights`` (..., M, L, P) of multi-scale deformable attention: the share each
+    level gets, summed over its P points and averaged over the M heads. Returns (..., L)."""
+    if not isinstance(weights, Tensor) or weights.dim() < 3:
+        got = shape_str(weights) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"weights must be a tensor (..., M, L, P), got {got}")
+    return weights.sum(-1).mean(-2)
+
+
 def box_share(boxes: Tensor) -> Tensor:
     """The share of the unit square each box (B, 4) normalised (x0, y0, x1, y1) covers: the mass
     that attention spread uniformly over the image would put inside it. Returns (B,)."""
@@ -165,6 +174,7 @@ def _stats_of_batch(model, images, mask, targets, matcher, layer):
             w = seen["weights"][b, q].flatten(2)  # (n, M, L*P)
             rows["entropy"].append(normalised_entropy(w).mean(-1))
             rows["mass_in_box"].append(points_mass_in_box(loc, w, box).mean(-1))
+            rows.setdefault("level_share", []).append(level_shares(seen["weights"][b, q]))  # (n, L)
         rows["box_share"].append(box_share(box))
         h, w_px = (float(v) for v in targets[b]["orig_size"])
         wh = targets[b]["boxes"][g][:, 2:].float() * torch.tensor([w_px, h])  # (n, 2) pixels of the original image
@@ -182,7 +192,8 @@ def attention_statistics(model: nn.Module, images: Tensor, mask: Tensor, targets
     ``images`` (N, 3, H, W), ``mask`` (N, H, W) and ``targets`` as the toy dataset and
     :func:`~ddetr_minimal.datasets.coco.collate_fn` give them. Returns one entry per matched
     query, each averaged over the heads: ``entropy``, ``mass_in_box``, ``box_share`` (uniform
-    attention's mass in the same box) and ``area`` (the object's box area in pixels), all (Q,).
+    attention's mass in the same box) and ``area`` (the object's box area in pixels), all (Q,);
+    for Deformable DETR also ``level_share`` (Q, L), the weight each level gets (:func:`level_shares`).
     """
     from ..models.matcher import HungarianMatcher
 
@@ -193,11 +204,12 @@ def attention_statistics(model: nn.Module, images: Tensor, mask: Tensor, targets
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     focal = is_focal(model)
     matcher = HungarianMatcher(2.0 if focal else 1.0, 5.0, 2.0, focal=focal)
-    rows = {"entropy": [], "mass_in_box": [], "box_share": [], "area": []}
+    rows: Dict[str, list] = {"entropy": [], "mass_in_box": [], "box_share": [], "area": []}
     for i in range(0, images.shape[0], batch_size):
         part = _stats_of_batch(model, images[i:i + batch_size], mask[i:i + batch_size],
                                targets[i:i + batch_size], matcher, layer)
-        for k in rows:
+        for k in part:
+            rows.setdefault(k, [])
             rows[k] += part[k]
     return {k: torch.cat(v) if v else torch.zeros(0) for k, v in rows.items()}
 
@@ -207,7 +219,7 @@ def summarize(stats: Dict[str, Tensor]) -> Dict[str, float]:
     the mean mass in the box divided by the mean mass uniform attention would put there."""
     if stats["entropy"].numel() == 0:
         raise ValueError("stats hold no matched query (no image with objects?)")
-    means = {k: float(v.float().mean()) for k, v in stats.items() if k != "area"}
+    means = {k: float(v.float().mean()) for k, v in stats.items() if k not in ("area", "level_share")}
     means["mass_over_uniform"] = means["mass_in_box"] / means["box_share"]
     means["queries"] = int(stats["entropy"].numel())
     return means

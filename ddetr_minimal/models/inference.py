@@ -192,3 +192,19 @@ def detect_batch(model: nn.Module, postprocessor: nn.Module, images: Tensor, mas
     for i in range(0, images.shape[0], batch_size):
         out += postprocessor(model(images[i:i + batch_size], mask[i:i + batch_size]), sizes[i:i + batch_size])
     return out
+
+
+def top_queries(outputs: Dict[str, Tensor], k: int, size: Tuple[int, int], image: int = 0) -> Dict[str, Tensor]:
+    """The ``k`` queries of image ``image`` that score highest (their best class), for a sigmoid
+    model's ``outputs``: ``queries`` (k,), ``scores`` (k,), ``labels`` (k,) and ``boxes`` (k, 4) as
+    pixel (x0, y0, x1, y1) of an image of ``size`` (h, w), best first."""
+    from torchvision.ops import box_convert
+
+    logits = outputs["pred_logits"][image]  # (Lq, num_classes)
+    if not isinstance(k, int) or not 1 <= k <= logits.shape[0]:
+        raise ValueError(f"k must be an integer in [1, {logits.shape[0]}] (the queries), got {k!r}")
+    scores, labels = logits.sigmoid().max(-1)  # (Lq,) each
+    order = scores.argsort(descending=True)[:k]
+    h, w = size
+    boxes = box_convert(outputs["pred_boxes"][image][order], "cxcywh", "xyxy") * torch.tensor([w, h, w, h])
+    return {"queries": order, "scores": scores[order], "labels": labels[order], "boxes": boxes}

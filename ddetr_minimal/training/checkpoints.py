@@ -99,3 +99,20 @@ def load_trained(name: str, root=DEFAULT_DIR, device="cpu"):
         raise KeyError(f"no trained checkpoint named {name!r} in {root}; available: {sorted(entries) or 'none'}")
     model, post, info = load_file(Path(root) / entries[name]["file"], device)
     return model, post, {**info, **entries[name], "name": name}
+
+
+def snapshots(group: str, seed: int = 0, root=DEFAULT_DIR) -> list[str]:
+    """The names of the checkpoints of ``group`` (e.g. ``"detr"``) and ``seed`` in the manifest,
+    in the order of their epochs (the last is the end of training)."""
+    entries = read_manifest(root)
+    names = [n for n, e in entries.items() if e.get("group") == group and e.get("seed") == seed]
+    if not names:
+        groups = sorted({(e.get("group"), e.get("seed")) for e in entries.values()})
+        raise KeyError(f"no checkpoint of group {group!r} and seed {seed!r} in {root}; there are (group, seed) "
+                       f"{groups or 'none'}")
+    return sorted(names, key=lambda n: entries[n]["epoch"])
+
+
+def final_checkpoint(group: str, seed: int = 0, root=DEFAULT_DIR) -> str:
+    """The name of the last-epoch checkpoint of ``group`` and ``seed`` (see :func:`snapshots`)."""
+    return snapshots(group, seed, root)[-1]

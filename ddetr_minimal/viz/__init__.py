@@ -9,7 +9,8 @@ Figure) and returns it; ``from ddetr_minimal import viz`` then ``viz.plot_...``.
 * :mod:`.sampling` -- bilinear neighbours, deformable sampling points on an image, per level, and
   queries by levels (the paper's appendix figure);
 * :mod:`.kernel` -- the kernel's thread layout and its benchmark;
-* :mod:`.detection` -- boxes, the matching cost matrix and the matched pairs;
+* :mod:`.detection` -- boxes, ground truth with small objects marked, the matching cost matrix and
+  the matched pairs;
 * :mod:`.architecture` -- the block diagram of a built model, traced from one forward pass.
 """
 from .architecture import plot_architecture, trace_architecture
@@ -24,7 +25,7 @@ from .curves import (
     plot_seed_bands,
     seed_band,
 )
-from .detection import draw_boxes, plot_cost_matrix, plot_matching
+from .detection import draw_boxes, draw_ground_truth, plot_cost_matrix, plot_matching
 from .kernel import plot_kernel_benchmark, plot_thread_ownership
 from .sampling import (
     bilinear_weight_map,
@@ -35,7 +36,7 @@ from .sampling import (
 )
 
 __all__ = [
-    "bilinear_weight_map", "plot_architecture", "trace_architecture", "draw_boxes", "plot_attention_map", "plot_deformable_map", "plot_bars", "plot_bilinear_neighbours",
+    "bilinear_weight_map", "plot_architecture", "trace_architecture", "draw_boxes", "draw_ground_truth", "plot_attention_map", "plot_deformable_map", "plot_bars", "plot_bilinear_neighbours",
     "plot_cost_curves", "plot_cost_matrix", "plot_curves", "plot_grouped_bars", "plot_entropy_bars", "plot_kernel_benchmark",
     "plot_matching", "plot_metric_curves", "plot_sampling_grid", "plot_sampling_levels", "plot_sampling_points", "plot_seed_bands",
     "seed_band",

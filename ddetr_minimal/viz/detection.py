@@ -1,4 +1,5 @@
-"""Detections: boxes with labels and scores, the matching cost matrix, and the matched pairs."""
+"""Detections: boxes with labels and scores, ground truth with its small objects marked, the matching
+cost matrix, and the matched pairs."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -57,6 +58,28 @@ def draw_boxes(ax: Axes, boxes: ArrayLike, labels: Optional[Sequence] = None,
                     bbox=dict(facecolor=c, alpha=0.8, pad=1, edgecolor="none"))
     if title is not None:
         ax.set_title(title)
+    return ax
+
+
+def draw_ground_truth(ax: Axes, boxes: ArrayLike, small_area: float = 32 ** 2) -> Axes:
+    """Annotated objects, boxes (n, 4) pixel (x0, y0, x1, y1), as dashed outlines: white, and red
+    with a "small" tag for the objects whose box area is under ``small_area`` (COCO's small
+    bucket, < 32^2 pixels). Returns ``ax``."""
+    if not isinstance(ax, Axes):
+        raise TypeError(f"ax must be a matplotlib Axes, got {type(ax).__name__}")
+    b = torch.as_tensor(_numpy(boxes), dtype=torch.float32)
+    if b.numel() == 0:
+        b = b.reshape(0, 4)  # (0, 4)
+    if b.dim() != 2 or b.shape[-1] != 4:
+        raise ValueError(f"boxes must have shape (n, 4) as pixel (x0, y0, x1, y1), got {shape_str(b)}")
+    for x0, y0, x1, y1 in b.tolist():
+        small = (x1 - x0) * (y1 - y0) < small_area
+        c = "red" if small else "white"
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=c, linewidth=1.6 if small else 1.2,
+                               linestyle="--"))
+        if small:
+            ax.text(x0, y1 + 1, "small", color="white", fontsize=MIN_FONT_PT, va="top", clip_on=True,
+                    bbox=dict(facecolor="red", alpha=0.8, pad=1, edgecolor="none"))
     return ax
 
 
