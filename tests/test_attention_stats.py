@@ -18,6 +18,7 @@ from ddetr_minimal.measure.attention_stats import (  # noqa: E402
     level_shares,
     map_mass_in_box,
     normalised_entropy,
+    pixel_distance,
     points_mass_in_box,
     summarize,
 )
@@ -110,6 +111,14 @@ def test_level_shares_sum_each_levels_points_and_average_the_heads():
         level_shares(torch.zeros(4, 4))
 
 
+def test_pixel_distance_scales_each_axis_by_the_image_size():
+    a = torch.tensor([[0.0, 0.0], [0.5, 0.5]])
+    b = torch.tensor([0.5, 0.5])
+    assert torch.allclose(pixel_distance(a, b, (100, 200)), torch.tensor([math.hypot(100, 50), 0.0]))
+    with pytest.raises(ValueError, match="pairs"):
+        pixel_distance(a[:, :1], b, (100, 200))
+
+
 def test_points_mass_sums_the_weights_of_the_points_inside():
     box = torch.tensor([[0.2, 0.2, 0.6, 0.6]])
     loc = torch.rand(1, 4, 12, 2) * 0.4 + 0.2  # (B, M, K, 2) all inside
@@ -191,8 +200,9 @@ def test_statistics_cover_every_matched_object(kind):
     if kind == "deformable":  # the paper's initialisation: uniform weights over the L * P points
         assert torch.allclose(stats["entropy"], torch.ones(3), atol=1e-5)
         assert torch.allclose(stats["level_share"], torch.full((3, 4), 0.25))
+        assert torch.allclose(stats["points_in_box"], stats["mass_in_box"])  # equal weights already
     else:
-        assert "level_share" not in stats
+        assert "level_share" not in stats and "points_in_box" not in stats
     means = summarize(stats)
     assert means["queries"] == 3
     assert means["mass_over_uniform"] == pytest.approx(means["mass_in_box"] / means["box_share"])
@@ -315,3 +325,32 @@ def test_top_queries_are_the_best_scoring_with_their_boxes_in_pixels():
     assert torch.allclose(top["boxes"][0], torch.tensor([0.0, 0, 100, 100]))
     with pytest.raises(ValueError, match="k must"):
         top_queries({"pred_logits": logits, "pred_boxes": boxes}, 4, (100, 200))
+
+
+def test_over_checkpoints_measures_each_saved_epoch(tmp_path):
+    from ddetr_minimal.measure.attention_stats import over_checkpoints
+    from ddetr_minimal.training import checkpoints
+    from ddetr_minimal.training.train import build_model_from_args, resolve_args
+
+    args = resolve_args(["--model", "deformable", "--data-path", str(tmp_path), "--d-model", "32", "--n-heads", "2",
+                         "--enc-layers", "1", "--dec-layers", "1", "--dim-feedforward", "64", "--num-queries", "8",
+                         "--n-levels", "2", "--image-size", "160"])
+    entries = {}
+    for epoch in (0, 4):
+        torch.manual_seed(epoch)
+        model, _, _ = build_model_from_args(args, 5)
+        if epoch:  # a "trained" model: attention weights no longer uniform
+            for layer in model.transformer.decoder.layers:
+                torch.nn.init.normal_(layer.cross_attn.attention_weights.weight, std=1.0)
+        name = f"deformable_s0_e{epoch:03d}"
+        entries[name] = {"file": f"{name}.pth", "group": "deformable", "seed": 0, "epoch": epoch, "of_epochs": 4}
+        checkpoints.write_trained(tmp_path / f"{name}.pth", model.state_dict(), vars(args), list("abcde"),
+                                  entries[name])
+    checkpoints.write_manifest(tmp_path, entries, {"command": "c", "commit": "x"})
+    images, mask, targets = _batch()
+    rows = over_checkpoints(checkpoints.snapshots("deformable", 0, tmp_path), images, mask, targets, root=tmp_path,
+                            with_stats=True)
+    assert [r["fraction"] for r in rows] == [0.0, 1.0] and [r["queries"] for r in rows] == [3, 3]
+    assert rows[0]["entropy"] == pytest.approx(1.0, abs=1e-5) and rows[1]["entropy"] < 0.99
+    assert rows[1]["stats"]["level_share"].shape == (3, 2)
+    assert "stats" not in over_checkpoints(["deformable_s0_e000"], images, mask, targets, root=tmp_path)[0]

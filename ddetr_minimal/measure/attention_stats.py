@@ -122,6 +122,15 @@ def level_shares(weights: Tensor) -> Tensor:
     return weights.sum(-1).mean(-2)
 
 
+def pixel_distance(a: Tensor, b: Tensor, image_hw: Sequence[int]) -> Tensor:
+    """Distances in image pixels between normalised points ``a`` and ``b`` (..., 2) as (x, y),
+    broadcast against each other, on an image of ``image_hw`` (h, w) pixels. Returns (...)."""
+    if a.shape[-1] != 2 or b.shape[-1] != 2:
+        raise ValueError(f"a and b must end in (x, y) pairs, got {shape_str(a)} and {shape_str(b)}")
+    h, w = (float(v) for v in image_hw)
+    return ((a - b) * torch.tensor([w, h], dtype=a.dtype, device=a.device)).norm(dim=-1)
+
+
 def box_share(boxes: Tensor) -> Tensor:
     """The share of the unit square each box (B, 4) normalised (x0, y0, x1, y1) covers: the mass
     that attention spread uniformly over the image would put inside it. Returns (B,)."""
@@ -174,6 +183,9 @@ def _stats_of_batch(model, images, mask, targets, matcher, layer):
             w = seen["weights"][b, q].flatten(2)  # (n, M, L*P)
             rows["entropy"].append(normalised_entropy(w).mean(-1))
             rows["mass_in_box"].append(points_mass_in_box(loc, w, box).mean(-1))
+            # the same points with equal weights: how much of the mass their places alone explain
+            rows.setdefault("points_in_box", []).append(points_mass_in_box(loc, torch.full_like(w, 1 / w.shape[-1]),
+                                                                           box).mean(-1))
             rows.setdefault("level_share", []).append(level_shares(seen["weights"][b, q]))  # (n, L)
         rows["box_share"].append(box_share(box))
         h, w_px = (float(v) for v in targets[b]["orig_size"])
@@ -193,7 +205,9 @@ def attention_statistics(model: nn.Module, images: Tensor, mask: Tensor, targets
     :func:`~ddetr_minimal.datasets.coco.collate_fn` give them. Returns one entry per matched
     query, each averaged over the heads: ``entropy``, ``mass_in_box``, ``box_share`` (uniform
     attention's mass in the same box) and ``area`` (the object's box area in pixels), all (Q,);
-    for Deformable DETR also ``level_share`` (Q, L), the weight each level gets (:func:`level_shares`).
+    for Deformable DETR also ``points_in_box`` (Q,), the share of its sampling points inside the box
+    (the mass in the box with equal weights), and ``level_share`` (Q, L), the weight each level gets
+    (:func:`level_shares`).
     """
     from ..models.matcher import HungarianMatcher
 
@@ -226,10 +240,11 @@ def summarize(stats: Dict[str, Tensor]) -> Dict[str, float]:
 
 
 def over_checkpoints(names: Sequence[str], images: Tensor, mask: Tensor, targets: Sequence[dict],
-                     layer: int = -1, root=None) -> List[Dict[str, object]]:
+                     layer: int = -1, root=None, with_stats: bool = False) -> List[Dict[str, object]]:
     """:func:`summarize` of :func:`attention_statistics` for each trained checkpoint of ``names``
     (:func:`~ddetr_minimal.training.checkpoints.load_trained`), with its run, epoch and the
-    fraction of its schedule (``epoch / of_epochs``)."""
+    fraction of its schedule (``epoch / of_epochs``); ``with_stats`` also keeps each one's
+    per-query ``stats``."""
     from ..training.checkpoints import DEFAULT_DIR, load_trained
 
     rows = []
@@ -238,5 +253,6 @@ def over_checkpoints(names: Sequence[str], images: Tensor, mask: Tensor, targets
         stats = attention_statistics(model, images, mask, targets, layer)
         epochs = info.get("of_epochs") or 0
         rows.append({"name": name, "group": info.get("group"), "epoch": info.get("epoch"), "of_epochs": epochs,
-                     "fraction": info["epoch"] / epochs if epochs else math.nan, **summarize(stats)})
+                     "fraction": info["epoch"] / epochs if epochs else math.nan, **summarize(stats),
+                     **({"stats": stats} if with_stats else {})})
     return rows
