@@ -344,9 +344,12 @@ def _figures_of_every_plot():
     yield "plot_sampling_levels", viz.plot_sampling_levels(torch.rand(3, 32, 48), loc, shapes, w)
     yield "plot_cost_matrix", viz.plot_cost_matrix(np.random.rand(8, 5), [0, 1], [1, 0]).figure
     yield "plot_thread_ownership", viz.plot_thread_ownership(2, 2, 40)
+    yield "plot_sampling_grid", viz.plot_sampling_grid(torch.rand(3, 32, 48), loc, w, shapes,
+                                                       row_labels=["small circle", "large ring"], title="t")
+    yield "plot_grouped_bars", viz.plot_grouped_bars({"a": {"x": 1.0, "y": 2.0}, "b": {"x": 2.0, "y": 1.0}}).figure
 
 
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", range(14))
 def test_every_plot_fits_the_column_with_legible_text(index):
     from ddetr_minimal.viz.common import legibility_problems
 
