@@ -190,6 +190,7 @@ def plot_seed_bands(bands: Mapping[str, dict], ax: Optional[Axes] = None, title:
     ax.grid(True, which="both", alpha=0.3)
     if legend is not None:
         ax.legend(fontsize="small", loc=legend)
+    return ax
 
 
 def plot_grouped_bars(values: Mapping[str, Mapping[str, float]], ax: Optional[Axes] = None, title: str = "",
