@@ -318,3 +318,39 @@ def test_pretraining_on_the_evaluation_data_and_a_changed_dataset_are_refused(tm
     assert ensure_dataset(tmp_path / "toy", 2, 1, 160, 0) == info  # the same parameters: reused as it is
     with pytest.raises(SystemExit, match="other parameters"):
         ensure_dataset(tmp_path / "toy", num_train=3, num_val=1, image_size=160, seed=0)
+
+
+def test_an_installed_package_fetches_the_checkpoints_once_online(tmp_path, monkeypatch):
+    """Without the repository's data/ (an installed package, as in Colab), the manifest and a
+    checkpoint come from the published repository, once, into the cache; offline nothing is
+    fetched and nothing is found."""
+    import io
+    import urllib.request
+    from pathlib import Path
+
+    from ddetr_minimal.training import checkpoints
+
+    published = Path(checkpoints.__file__).resolve().parents[2] / "data" / "checkpoints"
+    name = checkpoints.list_trained(published)[-1]
+    fetched = []
+
+    def fake_urlopen(url, timeout):
+        assert url.startswith(checkpoints.CHECKPOINTS_URL)
+        fetched.append(url[len(checkpoints.CHECKPOINTS_URL):])
+        path = published / fetched[-1]
+        if not path.is_file():
+            raise OSError(f"404 {url}")
+        return io.BytesIO(path.read_bytes())
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(checkpoints, "DEFAULT_DIR", tmp_path / "installed" / "data" / "checkpoints")
+    monkeypatch.setenv("DDETR_MINIMAL_CACHE", str(tmp_path / "cache"))
+    assert checkpoints.read_manifest(checkpoints.DEFAULT_DIR, online=False) == {} and fetched == []
+    model, _, info = checkpoints.load_trained(name, checkpoints.DEFAULT_DIR, online=True)
+    assert info["name"] == name and fetched == ["manifest.json", info["file"]]
+    assert (tmp_path / "cache" / "checkpoints" / info["file"]).is_file()
+    checkpoints.load_trained(name, checkpoints.DEFAULT_DIR, online=True)
+    assert len(fetched) == 2  # the second time from the cache
+    with pytest.raises(FileNotFoundError):  # a file the repository does not have
+        checkpoints.load_file(checkpoints._local(checkpoints.DEFAULT_DIR, "nope.pth", True))
+    assert not list((tmp_path / "cache" / "checkpoints").glob("*.tmp"))

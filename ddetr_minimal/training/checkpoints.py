@@ -15,14 +15,18 @@ naming the file and the missing, unexpected and mis-shaped keys.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from ..measure.records import save_atomic, write_json
+from ..measure.records import RESULTS_URL, save_atomic, write_json
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "data" / "checkpoints"
+# where they live online, for an installed package without the repository's data (as in Colab)
+CHECKPOINTS_URL = RESULTS_URL.replace("/data/results/", "/data/checkpoints/")
 MANIFEST = "manifest.json"
 # the hyper-parameters a checkpoint keeps: what build_model_from_args reads
 MODEL_ARGS = ("model", "backbone", "pretrained_backbone", "with_box_refine", "two_stage", "d_model", "n_heads",
@@ -39,9 +43,42 @@ def write_trained(path, state: dict, args: dict, class_names, info: dict) -> Non
                  "class_names": list(class_names), "info": dict(info)}, Path(path))
 
 
-def read_manifest(root=DEFAULT_DIR) -> dict:
-    """``{name: entry}`` of ``root/manifest.json`` (empty when there is none)."""
-    path = Path(root) / MANIFEST
+def cache_dir() -> Path:
+    """Where checkpoints fetched online are kept: ``$DDETR_MINIMAL_CACHE/checkpoints``, by default
+    under ``~/.cache/ddetr_minimal``."""
+    base = os.environ.get("DDETR_MINIMAL_CACHE") or Path.home() / ".cache" / "ddetr_minimal"
+    return Path(base) / "checkpoints"
+
+
+def _local(root, file: str, online) -> Path:
+    """``root/file``; when it is missing, ``root`` is the repository's folder and ``online``
+    (default: only in Colab) holds, the copy fetched once from :data:`CHECKPOINTS_URL` into
+    :func:`cache_dir` (a missing path when the fetch fails)."""
+    path = Path(root) / file
+    if path.is_file() or Path(root) != DEFAULT_DIR:
+        return path
+    if online is None:
+        online = "google.colab" in sys.modules
+    cached = cache_dir() / file
+    if online and not cached.is_file():
+        import urllib.request
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(cached.name + ".tmp")
+        try:
+            with urllib.request.urlopen(CHECKPOINTS_URL + file, timeout=60) as response:
+                tmp.write_bytes(response.read())
+            os.replace(tmp, cached)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    return cached if cached.is_file() else path
+
+
+def read_manifest(root=DEFAULT_DIR, online=None) -> dict:
+    """``{name: entry}`` of ``root/manifest.json`` (empty when there is none). Without the
+    repository's ``data/`` (an installed package), in Colab or with ``online=True``, the
+    manifest of the published repository."""
+    path = _local(root, MANIFEST, online)
     return json.loads(path.read_text())["checkpoints"] if path.is_file() else {}
 
 
@@ -91,13 +128,14 @@ def load_file(path, device="cpu"):
                                   **ckpt.get("info", {})}
 
 
-def load_trained(name: str, root=DEFAULT_DIR, device="cpu"):
+def load_trained(name: str, root=DEFAULT_DIR, device="cpu", online=None):
     """``(model, postprocessor, info)`` of the trained checkpoint ``name`` (see :func:`list_trained`),
-    e.g. ``"detr_s0_e100"``; ``info`` holds its manifest entry (run, epoch, AP, command, commit)."""
-    entries = read_manifest(root)
+    e.g. ``"detr_s0_e100"``; ``info`` holds its manifest entry (run, epoch, AP, command, commit).
+    ``online``: see :func:`read_manifest` (the file is fetched once into :func:`cache_dir`)."""
+    entries = read_manifest(root, online)
     if name not in entries:
         raise KeyError(f"no trained checkpoint named {name!r} in {root}; available: {sorted(entries) or 'none'}")
-    model, post, info = load_file(Path(root) / entries[name]["file"], device)
+    model, post, info = load_file(_local(root, entries[name]["file"], online), device)
     return model, post, {**info, **entries[name], "name": name}
 
 
