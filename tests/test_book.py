@@ -63,6 +63,9 @@ def test_book_builds_every_page(built_book):
     for page in html.rglob("*.html"):
         text = page.read_text(errors="replace")
         assert "Traceback (most recent call last)" not in text, f"{page} shows a traceback"
+        # a role the parser did not see (e.g. inside inline code) is printed as typed
+        for role in ("{glue:", "{numref}", "{doc}", "{cite}"):
+            assert role not in text, f"{page} shows an unrendered {role} role"
 
 
 def test_every_figure_a_chapter_shows_is_in_the_page(built_book):
