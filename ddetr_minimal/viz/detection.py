@@ -17,6 +17,18 @@ from .common import COLUMN_INCHES, MIN_FONT_PT, ArrayLike, _axes, _numpy
 # --------------------------------------------------------------------------------------
 # Boxes
 # --------------------------------------------------------------------------------------
+def _checked_boxes(ax, boxes: ArrayLike, layout: str = "") -> torch.Tensor:
+    """``boxes`` as a float (n, 4) tensor, after checking that ``ax`` is an Axes."""
+    if not isinstance(ax, Axes):
+        raise TypeError(f"ax must be a matplotlib Axes, got {type(ax).__name__}")
+    b = torch.as_tensor(_numpy(boxes), dtype=torch.float32)
+    if b.numel() == 0:
+        b = b.reshape(0, 4)  # (0, 4)
+    if b.dim() != 2 or b.shape[-1] != 4:
+        raise ValueError(f"boxes must have shape (n, 4){layout}, got {shape_str(b)}")
+    return b
+
+
 def draw_boxes(ax: Axes, boxes: ArrayLike, labels: Optional[Sequence] = None,
                scores: Optional[ArrayLike] = None, box_format: str = "xyxy",
                class_names: Optional[Sequence[str]] = None, color=None,
@@ -29,13 +41,7 @@ def draw_boxes(ax: Axes, boxes: ArrayLike, labels: Optional[Sequence] = None,
     """
     from torchvision.ops import box_convert
 
-    if not isinstance(ax, Axes):
-        raise TypeError(f"ax must be a matplotlib Axes, got {type(ax).__name__}")
-    b = torch.as_tensor(_numpy(boxes), dtype=torch.float32)
-    if b.numel() == 0:
-        b = b.reshape(0, 4)  # (0, 4)
-    if b.dim() != 2 or b.shape[-1] != 4:
-        raise ValueError(f"boxes must have shape (n, 4), got {shape_str(b)}")
+    b = _checked_boxes(ax, boxes)
     n = b.shape[0]
     for name, seq in (("labels", labels), ("scores", scores)):
         if seq is not None and len(seq) != n:
@@ -65,13 +71,7 @@ def draw_ground_truth(ax: Axes, boxes: ArrayLike, small_area: float = 32 ** 2) -
     """Annotated objects, boxes (n, 4) pixel (x0, y0, x1, y1), as dashed outlines: white, and red
     with a "small" tag for the objects whose box area is under ``small_area`` (COCO's small
     bucket, < 32^2 pixels). Returns ``ax``."""
-    if not isinstance(ax, Axes):
-        raise TypeError(f"ax must be a matplotlib Axes, got {type(ax).__name__}")
-    b = torch.as_tensor(_numpy(boxes), dtype=torch.float32)
-    if b.numel() == 0:
-        b = b.reshape(0, 4)  # (0, 4)
-    if b.dim() != 2 or b.shape[-1] != 4:
-        raise ValueError(f"boxes must have shape (n, 4) as pixel (x0, y0, x1, y1), got {shape_str(b)}")
+    b = _checked_boxes(ax, boxes, " as pixel (x0, y0, x1, y1)")
     for x0, y0, x1, y1 in b.tolist():
         small = (x1 - x0) * (y1 - y0) < small_area
         c = "red" if small else "white"
