@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from pycocotools.cocoeval import COCOeval
 
+from .synthetic import SIZE_BUCKETS, size_bucket  # noqa: F401  (COCO's buckets, used with recall_by_size)
+
 METRIC_NAMES = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1", "AR10", "AR100", "AR_S", "AR_M", "AR_L")
 
 
@@ -61,9 +63,6 @@ def format_metrics(metrics: dict) -> str:
     return "  ".join(f"{k} {100 * metrics[k]:.1f}" for k in METRIC_NAMES[:6] if k in metrics)
 
 
-SIZE_BUCKETS = ("small", "medium", "large")
-
-
 def pixel_ground_truth(targets) -> list[dict]:
     """The dataset's targets (boxes normalised (cx, cy, w, h)) as ``{"labels", "boxes"}`` with
     boxes in pixel xyxy of each original image (``orig_size``), as detections are."""
@@ -75,11 +74,6 @@ def pixel_ground_truth(targets) -> list[dict]:
         boxes = box_convert(t["boxes"].double(), "cxcywh", "xyxy") * torch.tensor([w, h, w, h], dtype=torch.float64)
         out.append({"labels": t["labels"], "boxes": boxes})  # (n,), (n, 4)
     return out
-
-
-def size_bucket(area: float) -> str:
-    """COCO's bucket of a box area in pixels: small < 32^2 <= medium <= 96^2 < large."""
-    return "small" if area < 32 ** 2 else "large" if area > 96 ** 2 else "medium"
 
 
 def recall_by_size(detections, ground_truth, iou: float = 0.5, top_k: int = 10) -> dict:

@@ -218,12 +218,19 @@ def check_small_sides(small_sides) -> tuple[float, float]:
     return lo, hi
 
 
+SIZE_BUCKETS = ("small", "medium", "large")  # COCO's area buckets, the generator's BUCKETS
+
+
+def size_bucket(area: float) -> str:
+    """COCO's bucket of a box area in pixels: small < 32^2 <= medium <= 96^2 < large."""
+    return "small" if area < 32 ** 2 else "large" if area > 96 ** 2 else "medium"
+
+
 def area_histogram(coco: dict) -> dict:
-    """Count annotations per COCO area bucket (small < 32^2 <= medium <= 96^2 < large)."""
-    counts = {"small": 0, "medium": 0, "large": 0}
+    """Count annotations per COCO area bucket (:func:`size_bucket`)."""
+    counts = dict.fromkeys(SIZE_BUCKETS, 0)
     for a in coco["annotations"]:
-        area = a["area"]
-        counts["small" if area < 32 ** 2 else "large" if area > 96 ** 2 else "medium"] += 1
+        counts[size_bucket(a["area"])] += 1
     return counts
 
 

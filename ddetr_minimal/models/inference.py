@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..ops.checks import level_start_index_from_shapes
 
 Tensor = torch.Tensor
 
@@ -130,9 +131,9 @@ def encoder_sampling(model: nn.Module, images: Tensor, mask: Tensor, layer: int 
     seen, outputs = _run_capturing(model, attn, images, mask)
     locations, weights = attn.sampling(seen["query"], seen["ref"], seen["shapes"])
     shapes = seen["shapes"]
-    start = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])  # (L,)
     return {"locations": locations, "weights": weights, "reference_points": seen["ref"],
-            "spatial_shapes": shapes, "level_start_index": start, "outputs": outputs}
+            "spatial_shapes": shapes, "level_start_index": level_start_index_from_shapes(shapes),
+            "outputs": outputs}
 
 
 def token_index(spatial_shapes: Tensor, level: int, x: float, y: float) -> int:
@@ -143,10 +144,9 @@ def token_index(spatial_shapes: Tensor, level: int, x: float, y: float) -> int:
         raise ValueError(f"level must be in [0, {L}), got {level!r}")
     if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
         raise ValueError(f"(x, y) must be a normalised point in [0, 1], got ({x!r}, {y!r})")
-    sizes = spatial_shapes.prod(1).tolist()  # H_l * W_l of each level
     H, W = (int(v) for v in spatial_shapes[level])
     row, col = min(int(y * H), H - 1), min(int(x * W), W - 1)
-    return int(sum(sizes[:level])) + row * W + col
+    return int(level_start_index_from_shapes(spatial_shapes)[level]) + row * W + col
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from ..models.backbone import SmallBackbone
 from ..datasets.coco import build_dataset, collate_fn
+from ..datasets.synthetic import SIZE_BUCKETS, size_bucket
 from ..measure.records import save_atomic
 
 
@@ -57,12 +58,6 @@ class CellClassifier(nn.Module):
 # receptive field (pixels) of the small CNN's maps at strides 8, 16, 32: 3x3 convolutions,
 # two per stage, the first of each with stride 2 (see SmallBackbone)
 RECEPTIVE_FIELDS = (31, 79, 175)
-SIZE_BUCKETS = ("small", "medium", "large")  # COCO's: area < 32^2, <= 96^2, above
-
-
-def size_bucket(area: float) -> int:
-    """0, 1, 2 for COCO's small (< 32^2 px), medium and large (> 96^2 px) areas."""
-    return 0 if area < 32 ** 2 else 2 if area > 96 ** 2 else 1
 
 
 def cell_targets(targets: list[dict], mask: torch.Tensor, shape: tuple[int, int], num_classes: int,
@@ -91,7 +86,7 @@ def cell_targets(targets: list[dict], mask: torch.Tensor, shape: tuple[int, int]
             cells = inside_y[:, None] & inside_x[None, :]  # (h, w)
             too_large = max_side is not None and max(bw, bh) > max_side
             out[i][cells] = -100 if too_large else int(t["labels"][j])
-            buckets[i][cells] = -1 if too_large else size_bucket(bw * bh)
+            buckets[i][cells] = -1 if too_large else SIZE_BUCKETS.index(size_bucket(bw * bh))
         pad = (ys >= ih)[:, None] | (xs >= iw)[None, :]
         out[i][pad] = -100
         buckets[i][pad] = -1
