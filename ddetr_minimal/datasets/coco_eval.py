@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from pycocotools.cocoeval import COCOeval
 
+from ..ops.checks import check_positive_ints
 from .synthetic import SIZE_BUCKETS, size_bucket  # noqa: F401  (COCO's buckets, used with recall_by_size)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1", "AR10", "AR100", "AR_S", "AR_M", "AR_L")
@@ -92,8 +93,7 @@ def recall_by_size(detections, ground_truth, iou: float = 0.5, top_k: int = 10) 
         raise ValueError(f"detections has {len(detections)} images but ground_truth has {len(ground_truth)}")
     if not 0.0 < iou <= 1.0:
         raise ValueError(f"iou must be in (0, 1], got {iou!r}")
-    if not isinstance(top_k, int) or top_k <= 0:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    check_positive_ints(top_k=top_k)
     counts = {b: {"found": 0, "total": 0} for b in SIZE_BUCKETS}
     for det, gt in zip(detections, ground_truth):
         gt_boxes = torch.as_tensor(gt["boxes"], dtype=torch.float64).reshape(-1, 4)  # (m, 4)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert
 
-from ..ops.checks import shape_str
+from ..ops.checks import check_positive_ints, shape_str
 from .cost import attention_entropy
 
 Tensor = torch.Tensor
@@ -214,8 +214,7 @@ def attention_statistics(model: nn.Module, images: Tensor, mask: Tensor, targets
     if images.dim() != 4 or len(targets) != images.shape[0]:
         raise ValueError(f"images must be (N, 3, H, W) with one target each, got {shape_str(images)} and "
                          f"{len(targets)} targets")
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_positive_ints(batch_size=batch_size)
     focal = is_focal(model)
     matcher = HungarianMatcher(2.0 if focal else 1.0, 5.0, 2.0, focal=focal)
     rows: Dict[str, list] = {"entropy": [], "mass_in_box": [], "box_share": [], "area": []}

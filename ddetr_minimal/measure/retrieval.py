@@ -29,6 +29,7 @@ from torch import nn
 
 from ..models.attention import MultiHeadAttention
 from ..models.deformable_attention import MSDeformAttn
+from ..ops.checks import check_positive_ints
 from ..ops.msda import ms_deform_attn
 from .cost import attention_entropy
 
@@ -62,11 +63,6 @@ class RetrievalRun:
     entropy: List[float] = field(default_factory=list)  # vanilla only: mean entropy over HW keys
 
 
-def _positive_int(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-
 def _check_kind(kind) -> None:
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {kind!r}")
@@ -84,8 +80,7 @@ def _check_displacement(displacement) -> Tuple[float, float]:
 
 def position_codes(side: int, d_model: int, generator: torch.Generator) -> torch.Tensor:
     """One fixed random code per pixel of a ``side x side`` map: (side*side, d_model)."""
-    _positive_int("side", side)
-    _positive_int("d_model", d_model)
+    check_positive_ints(side=side, d_model=d_model)
     return torch.randn(side * side, d_model, generator=generator)  # (HW, C)
 
 
@@ -99,11 +94,10 @@ def retrieval_batch(pos: torch.Tensor, side: int, batch: int = 16, n_queries: in
     """
     if not isinstance(pos, torch.Tensor) or pos.dim() != 2:
         raise ValueError(f"pos must be a (side*side, C) tensor, got {getattr(pos, 'shape', pos)!r}")
-    _positive_int("side", side)
+    check_positive_ints(side=side)
     if pos.shape[0] != side * side:
         raise ValueError(f"pos has {pos.shape[0]} rows, expected side*side = {side * side} for side={side}")
-    _positive_int("batch", batch)
-    _positive_int("n_queries", n_queries)
+    check_positive_ints(batch=batch, n_queries=n_queries)
     dx, dy = _check_displacement(displacement)
     HW, C = pos.shape
     content = torch.randn(batch, HW, C, generator=generator)  # (N, HW, C)
@@ -124,8 +118,7 @@ def _shapes(side: int) -> Tuple[torch.Tensor, torch.Tensor]:
 def build_layer(kind: str, d_model: int = 32, n_points: int = 4) -> nn.Module:
     """The single-head attention layer of ``kind``."""
     _check_kind(kind)
-    _positive_int("d_model", d_model)
-    _positive_int("n_points", n_points)
+    check_positive_ints(d_model=d_model, n_points=n_points)
     if kind == "vanilla":
         return MultiHeadAttention(d_model, n_heads=1)
     return MSDeformAttn(d_model, n_levels=1, n_heads=1, n_points=n_points, backend="torch")
@@ -165,8 +158,7 @@ def train_retrieval(side: int, kind: str = "vanilla", steps: int = 300, d_model:
     initialisation. ``displacement`` only matters for ``"deformable"``.
     """
     _check_kind(kind)
-    for name, v in (("side", side), ("steps", steps), ("d_model", d_model)):
-        _positive_int(name, v)
+    check_positive_ints(side=side, steps=steps, d_model=d_model)
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -194,7 +186,7 @@ def train_retrieval(side: int, kind: str = "vanilla", steps: int = 300, d_model:
 
 def running_mean(values: Sequence[float], window: int) -> torch.Tensor:
     """Entry ``i`` is the mean of values ``i .. i + window - 1``: (len(values) - window + 1,)."""
-    _positive_int("window", window)
+    check_positive_ints(window=window)
     v = torch.as_tensor(list(values), dtype=torch.float64)  # (steps,)
     if v.numel() < window:
         return v[:0]

@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 from torch import nn
 
+from ..ops.checks import check_positive_ints
 from .backbone import build_backbone
 from .criterion import SetCriterion
 from .deformable_detr import DeformableDETR
@@ -21,12 +22,6 @@ from .postprocess import PostProcess
 from .transformer import DeformableTransformer
 
 MODELS = ("deformable", "detr")
-
-
-def _positive(**kwargs) -> None:
-    for name, v in kwargs.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
 def build_model(model: str = "deformable", *, num_classes: int, backbone: str = "resnet50",
@@ -64,7 +59,7 @@ def build_model(model: str = "deformable", *, num_classes: int, backbone: str = 
     """
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
-    _positive(num_classes=num_classes, d_model=d_model, n_heads=n_heads, enc_layers=enc_layers,
+    check_positive_ints(num_classes=num_classes, d_model=d_model, n_heads=n_heads, enc_layers=enc_layers,
               dec_layers=dec_layers, n_levels=n_levels, n_points=n_points)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
@@ -78,7 +73,7 @@ def build_model(model: str = "deformable", *, num_classes: int, backbone: str = 
         dim_feedforward = 1024 if deformable else 2048
     if num_queries is None:
         num_queries = 300 if focal else 100
-    _positive(dim_feedforward=dim_feedforward, num_queries=num_queries)
+    check_positive_ints(dim_feedforward=dim_feedforward, num_queries=num_queries)
 
     net = build_backbone(backbone, pretrained_backbone, train_backbone, small_channels)
 

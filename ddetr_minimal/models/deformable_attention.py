@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops.checks import shape_str
+from ..ops.checks import check_positive_ints, shape_str
 from ..ops.msda import ms_deform_attn, sampling_dtype
 
 
@@ -33,9 +33,7 @@ class MSDeformAttn(nn.Module):
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
                  backend: str = "auto"):
         super().__init__()
-        for name, v in (("d_model", d_model), ("n_levels", n_levels), ("n_heads", n_heads), ("n_points", n_points)):
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_positive_ints(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points)
         if d_model % n_heads != 0:
             raise ValueError(
                 f"d_model must be divisible by n_heads, got d_model={d_model} and n_heads={n_heads} "

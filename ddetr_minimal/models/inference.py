@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..ops.checks import level_start_index_from_shapes
+from ..ops.checks import check_positive_ints, level_start_index_from_shapes
 
 Tensor = torch.Tensor
 
@@ -185,8 +185,7 @@ def detect_batch(model: nn.Module, postprocessor: nn.Module, images: Tensor, mas
                  batch_size: int = 50) -> List[Dict[str, Tensor]]:
     """The post-processed detections of already prepared ``images`` (N, 3, H, W) with ``mask``
     (N, H, W), in pixels of ``sizes`` (N, 2) as (h, w), run ``batch_size`` images at a time."""
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_positive_ints(batch_size=batch_size)
     model.eval()
     out = []
     for i in range(0, images.shape[0], batch_size):

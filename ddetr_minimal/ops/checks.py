@@ -203,3 +203,10 @@ def level_start_index_from_shapes(spatial_shapes: torch.Tensor) -> torch.Tensor:
     """Offsets of each level inside the flattened ``S`` axis: ``[0, H0*W0, H0*W0+H1*W1, ...]``."""
     sizes = spatial_shapes.prod(1)  # (L,)
     return torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))  # (L,)
+
+
+def check_positive_ints(**named) -> None:
+    """Raise a ValueError naming the first argument that is not a positive integer (a bool is not one)."""
+    for name, v in named.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")

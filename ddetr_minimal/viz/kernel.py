@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..ops.checks import check_positive_ints
 from .common import COLUMN_INCHES, MIN_FONT_PT
 
 
@@ -22,10 +23,7 @@ def plot_thread_ownership(n_queries: int, n_heads: int, head_dim: int, warp_size
     ``warp_size`` consecutive outputs. Right, the backward kernel: warp ``q * M + m`` owns
     a whole row; lane ``k`` takes channels ``k, k + warp_size, ...``.
     """
-    for name, v in (("n_queries", n_queries), ("n_heads", n_heads), ("head_dim", head_dim),
-                    ("warp_size", warp_size)):
-        if not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    check_positive_ints(n_queries=n_queries, n_heads=n_heads, head_dim=head_dim, warp_size=warp_size)
     rows, D = n_queries * n_heads, head_dim
     thread = np.arange(rows * D).reshape(rows, D)  # (Lq*M, D): forward thread index i
     forward_warp = thread // warp_size  # (Lq*M, D)

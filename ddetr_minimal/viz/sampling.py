@@ -11,7 +11,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from ..ops.checks import shape_str
+from ..ops.checks import check_positive_ints, shape_str
 from ..ops.reference import bilinear_sample
 from .common import COLUMN_INCHES, MIN_FONT_PT, _axes, _image_hwc, _numpy
 
@@ -28,9 +28,7 @@ def bilinear_weight_map(loc_xy: Tuple[float, float], H: int, W: int) -> torch.Te
     """
     if len(loc_xy) != 2:
         raise ValueError(f"loc_xy must be a normalised point (x, y), got {loc_xy!r}")
-    for name, v in (("H", H), ("W", W)):
-        if not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    check_positive_ints(H=H, W=W)
     one_hot = torch.eye(H * W, dtype=torch.float64).view(1, H * W, 1, H * W)  # (N=1, HW, M=1, D=HW)
     loc = torch.tensor(loc_xy, dtype=torch.float64).view(1, 1, 1, 2)  # (N=1, Lq=1, M=1, 2)
     return bilinear_sample(one_hot, H, W, loc).view(H, W)  # (H, W)
