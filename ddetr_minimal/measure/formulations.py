@@ -1,13 +1,14 @@
 """Pure-PyTorch formulations of the op, timed against transformers' on the CPU.
 
 Run ``python -m ddetr_minimal bench-formulations`` (needs ``transformers``). Every formulation
-below computes the op of :func:`ddetr_minimal.ops.msda.ms_deform_attn` with ``grid_sample``;
-they differ in how the samples are laid out and mixed, which decides how much memory each pass
-reads and writes. Each is first checked against the ``loop`` reference (numbers and gradients,
+below computes the op of :func:`ddetr_minimal.ops.msda.ms_deform_attn`; all but ``sparse``
+with ``grid_sample``, differing in how the samples are laid out and mixed, which decides how
+much memory each pass reads and writes. ``sparse`` (:mod:`ddetr_minimal.ops.sparse`) writes no
+samples at all: the op as sparse matrix products. Each is first checked against the ``loop`` reference (numbers and gradients,
 float64), then timed forward+backward on one thread (CPU time, the median of interleaved
 repeats) at the shapes of :data:`ddetr_minimal.measure.versus_transformers.OP_CASES`, next to
 transformers' formulation, and the bytes it saves for the backward pass are counted. The result
-goes to ``data/bench/cpu/formulations.json``; the ``torch`` backend keeps the fastest.
+goes to ``data/bench/cpu/formulations.json``; the ``torch`` backend keeps the fastest on the CPU.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from typing import Callable, Dict, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..ops.grid_sample import ms_deform_attn_torch
+from ..ops.grid_sample import ms_deform_attn_grid_sample
 from ..ops.reference import ms_deform_attn_loop
+from ..ops.sparse import ms_deform_attn_sparse
 from .memory import saved_tensor_bytes
 from .records import provenance, write_json
 from .versus_transformers import OP_CASES, fwd_bwd, interleaved_times, op_inputs, transformers_op
@@ -122,7 +124,9 @@ FORMULATIONS: Dict[str, tuple] = {
     "per_level_points_first": (per_level_points_first,
                                "one level at a time, points before queries, product and sum over P"),
     "canvas": (canvas, "one grid_sample over all levels on a zero-separated canvas"),
-    "kept": (ms_deform_attn_torch, "the torch backend: per level, points before queries, one addcmul per point"),
+    "grid_sample": (ms_deform_attn_grid_sample,
+                    "per level, points before queries, one addcmul per point (the torch backend on GPUs)"),
+    "sparse": (ms_deform_attn_sparse, "sparse matrix products, corner by corner (the torch backend on the CPU)"),
 }
 
 
@@ -154,7 +158,7 @@ def measure(cases: Dict[str, dict], names: Sequence[str], repeats: int = 7, comp
         maps = [v.detach().clone().requires_grad_() for v in _levels(value, shapes)]
         fns["value_kept_nmdhw"] = lambda v, ss, lsi, loc, w: _kept_layout(maps, ss, loc, w)
         if compile_kept:
-            fns["torch_compile"] = torch.compile(ms_deform_attn_torch, dynamic=False)
+            fns["torch_compile"] = torch.compile(ms_deform_attn_grid_sample, dynamic=False)
         calls.update({name: fwd_bwd(fn, inputs) for name, fn in fns.items()})
         seconds = {k: v["cpu"] for k, v in interleaved_times(calls, repeats).items()}
         for name in calls:
@@ -166,7 +170,7 @@ def measure(cases: Dict[str, dict], names: Sequence[str], repeats: int = 7, comp
 
 
 def _kept_layout(maps, spatial_shapes, loc, weights):
-    """The kept formulation with each level's value already laid out as (N*M, D, H, W)."""
+    """The grid_sample formulation with each level's value already laid out as (N*M, D, H, W)."""
     N, Lq, M, L, P, _ = loc.shape
     D = maps[0].shape[1]
     grids = (2 * loc - 1).permute(3, 0, 2, 4, 1, 5).reshape(L, N * M, P, Lq, 2).contiguous()  # (L, N*M, P, Lq, 2)
@@ -180,8 +184,8 @@ def _kept_layout(maps, spatial_shapes, loc, weights):
 
 DESCRIPTIONS = {**{k: v[1] for k, v in FORMULATIONS.items()},
                 "transformers": "transformers' MultiScaleDeformableAttention (pure PyTorch)",
-                "value_kept_nmdhw": "the kept one, value already laid out per level as (N*M, D, H, W)",
-                "torch_compile": "the kept one through torch.compile (inductor, C++ on the CPU)"}
+                "value_kept_nmdhw": "grid_sample, value already laid out per level as (N*M, D, H, W)",
+                "torch_compile": "grid_sample through torch.compile (inductor, C++ on the CPU)"}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""Backend ``"torch"`` of the op: multi-scale deformable attention vectorised with ``grid_sample``.
+"""The torch backend on GPUs: multi-scale deformable attention vectorised with ``grid_sample``.
 
 ``grid_sample`` does the bilinear read (zeros outside the map, pixel centres at
 ``(i + 0.5) / size``) for every point of a level at once; the attention weights then mix the
@@ -9,8 +9,9 @@ samples. Level by level, so that the largest tensor alive is one level's samples
         for each point p:
             out += samples_l[:, :, p] * weights_l[:, :, p]  # (N*M, D, Lq), one addcmul
 
-Five choices make this the fastest pure-PyTorch formulation measured on a CPU
-(``python -m ddetr_minimal bench-formulations`` records the alternatives):
+Five choices make this the fastest ``grid_sample`` formulation measured on a CPU
+(``python -m ddetr_minimal bench-formulations`` records the alternatives; on the CPU the torch
+backend runs :mod:`.sparse` instead, faster still):
 
 * **one level at a time, summed as it comes**, instead of stacking the samples of all levels
   into one ``(N*M, D, Lq, L, P)`` tensor first. The stacked tensor is ``L`` times larger than
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 
-def ms_deform_attn_torch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def ms_deform_attn_grid_sample(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """The op (see :func:`ddetr_minimal.ops.msda.ms_deform_attn`) with one ``grid_sample`` per level."""
     N, _, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape

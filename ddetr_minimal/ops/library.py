@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import cupy_kernel, selftest
 from .checks import SIXTEEN_BIT, level_table
-from .grid_sample import ms_deform_attn_torch
+from .torch_backend import ms_deform_attn_torch
 
 OP_BACKENDS = ("auto", "torch", "cupy", "emulation")
 KERNEL_DEVICE_TYPES = ("cuda",)  # where "auto" may pick the kernel
@@ -83,7 +83,7 @@ def autograd_inside_kernel():
 
     The dispatcher runs a custom op's kernel below the autograd layer (autograd keys excluded
     from the thread's dispatch set), so ``torch.enable_grad()`` alone records nothing there.
-    The torch backend's backward differentiates ``grid_sample`` by recomputing it, so it puts
+    The torch backend's backward differentiates its forward by recomputing it, so it puts
     the autograd keys back for that block. (``torch.func.vjp`` would also work, but its
     wrapper tensors break ``torch.library.opcheck``'s schema and fake-tensor checks.)
     """

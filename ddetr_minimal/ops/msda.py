@@ -19,7 +19,8 @@ H_l, W_l   height and width of level l
 Backends:
 
 * ``"loop"`` -- :mod:`.reference`, bilinear interpolation spelled out (readable, slow);
-* ``"torch"`` -- :mod:`.grid_sample`, one ``grid_sample`` per level, runs anywhere;
+* ``"torch"`` -- :mod:`.torch_backend`, pure PyTorch, runs anywhere: on the CPU sparse matrix
+  products (:mod:`.sparse`), on GPUs one ``grid_sample`` per level (:mod:`.grid_sample`);
 * ``"cupy"`` -- the CUDA kernel of ``kernels/msda.cu`` (:mod:`.cupy_kernel`); raises with
   the reason (CuPy missing, CUDA versions that do not match, NVRTC's log) when it cannot run;
 * ``"auto"`` -- the kernel for CUDA tensors when it passed its self-test on that device and
@@ -110,8 +111,8 @@ def ms_deform_attn(
                                   sampling_locations.to(dtype), attention_weights.to(dtype))
         return out.to(value.dtype)  # (N, Lq, M*D)
     if not torch.compiler.is_compiling() and resolve(backend, value, sampling_locations.dtype) == "torch":
-        # Eager and on torch: call it directly, so autograd records grid_sample and the
-        # backward does not recompute the forward (the custom op's backward has to).
+        # Eager and on torch: call it directly, so autograd records the backend's own backward
+        # and does not recompute the forward (the custom op's backward has to).
         table = level_table(spatial_shapes, level_start_index, value.shape[1])
         return torch_forward(value, table, sampling_locations, attention_weights)  # (N, Lq, M*D)
     return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations,

@@ -19,7 +19,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import cupy_kernel, cuda_versions
-from .grid_sample import ms_deform_attn_torch
+from .torch_backend import ms_deform_attn_torch
 
 # tolerance relative to max(1, |reference|), per value dtype (16-bit: one rounding of the result)
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
