@@ -95,21 +95,22 @@ class Axis(NamedTuple):
 
     low: Tensor  # the lower neighbour's pixel index, -1 .. size - 1 (-1 and size are the ring)
     frac: Tensor  # the upper neighbour's weight; the lower one's is 1 - frac
-    inside: Tensor  # 1 where the location moves the samples (not clamped onto the ring), else 0
+    gain: Tensor  # d pixel / d location (the level's size) times the attention weight; 0 where the
+    # location was clamped onto the ring (it does not move the samples there)
 
 
-def _axis(coord: Tensor, size: Tensor) -> Axis:
-    """``coord`` (in [0, 1]) and ``size`` (the level's width or height in pixels), both
-    (N, Lq, M, L, P)."""
+def _axis(coord: Tensor, size: Tensor, weights: Tensor) -> Axis:
+    """``coord`` (in [0, 1]), ``size`` (the level's width or height in pixels) and the attention
+    ``weights``, all (N, Lq, M, L, P)."""
     pixel = coord * size
     pixel -= 0.5  # pixel centres at integers
-    # a NaN or infinite location has no defined sample: its weights (and `inside`) become NaN
+    # a NaN or infinite location has no defined sample: its weights (and gain) become NaN
     undefined = pixel * 0  # 0, or NaN where the pixel is not finite
-    inside = ((pixel > -1) & (pixel < size)).to(coord.dtype).add_(undefined)
+    gain = ((pixel > -1) & (pixel < size)).to(coord.dtype).add_(undefined).mul_(size).mul_(weights)
     pixel = torch.clamp(pixel, pixel.new_tensor(-1.0), size)  # onto the ring
     low = torch.minimum(pixel.floor(), size - 1)  # pixel = size reads the ring with weight 1
     frac = pixel.sub_(low).add_(undefined)
-    return Axis(torch.nan_to_num_(low, nan=-1.0), frac, inside)  # undefined points read the ring
+    return Axis(torch.nan_to_num_(low, nan=-1.0), frac, gain)  # undefined points read the ring
 
 
 class Geometry(NamedTuple):
@@ -133,8 +134,8 @@ def geometry(shapes: Sequence[Tuple[int, int]], loc: Tensor, weights: Tensor, in
     [0, 1], x then y; ``weights`` (N, Lq, M, L, P). Value rows are those of :func:`with_ring`."""
     N, Lq, M, L, P, _ = loc.shape
     points = (N, Lq, M, L, P)
-    x = _axis(loc[..., 0], per_point([W for _, W in shapes], points, loc.dtype))
-    y = _axis(loc[..., 1], per_point([H for H, _ in shapes], points, loc.dtype))
+    x = _axis(loc[..., 0], per_point([W for _, W in shapes], points, loc.dtype), weights)
+    y = _axis(loc[..., 1], per_point([H for H, _ in shapes], points, loc.dtype), weights)
     rings = ringed(shapes)
     starts = [sum(h * w for h, w in rings[:l]) for l in range(L)]
     step = per_point([w for _, w in rings], points, index_dtype)  # W + 2
@@ -204,17 +205,23 @@ def transposes(columns: Tensor, values: Tensor, cols: int):
         yield _csr(crow, a_row, gathered, (cols, rows))
 
 
-def corner_dots(column: Tensor, values: Tensor, g_rows: Tensor, value_rows: Tensor) -> Tensor:
-    """(N, Lq, M, L, P): for every corner of A_k, the dot product of its row of ``g_rows`` and
-    the value row it reads -- ``sampled_addmm``, which computes ``g_rows @ value_rows.T`` only
-    where A_k has an entry. (It refuses a row with more entries than A_k has columns, possible
-    only on maps smaller than the points per query; those small cases gather the rows instead.)"""
+def corner_dots(columns: Tensor, values: Tensor, g_rows: Tensor, value_rows: Tensor) -> Tensor:
+    """(4, N, Lq, M, L, P): for every corner, the dot product of its row of ``g_rows`` and the
+    value row it reads -- ``sampled_addmm``, which computes ``g_rows @ value_rows.T`` only where
+    A_k has an entry, written into one buffer. (It refuses a row with more entries than A_k has
+    columns, possible only on maps smaller than the points per query; those small cases gather
+    the rows instead.)"""
     cols = value_rows.shape[0]
-    if column.shape[-1] * column.shape[-2] <= cols:
-        a = corner_matrix(column, values, cols)
-        return torch.sparse.sampled_addmm(a, g_rows, value_rows.t(), beta=0.0).values().view_as(column)
-    dots = g_rows.index_select(0, entry_rows(column)) * value_rows.index_select(0, column.reshape(-1))
-    return dots.sum(-1).view_as(column)
+    dots = torch.empty_like(values)
+    for column, value, out in zip(columns, values, dots):
+        if column.shape[-1] * column.shape[-2] <= cols:
+            a = corner_matrix(column, value, cols)
+            result = _csr(a.crow_indices(), a.col_indices(), out.view(-1), a.shape)
+            torch.sparse.sampled_addmm(a, g_rows, value_rows.t(), beta=0.0, out=result)
+        else:
+            rows = g_rows.index_select(0, entry_rows(column))
+            torch.sum(rows * value_rows.index_select(0, column.reshape(-1)), -1, out=out.view(-1))
+    return dots
 
 
 # --- the op -----------------------------------------------------------------------------------
@@ -232,14 +239,13 @@ class _SparseMSDA(torch.autograd.Function):
         out = corner_matrix(columns[0], g.values[0], cols) @ value_rows  # (N*Lq*M, D)
         for column, values in zip(columns[1:], g.values[1:]):
             out.addmm_(corner_matrix(column, values, cols), value_rows)
-        ctx.save_for_backward(value_rows, weights, g.first, g.values, g.x.frac, g.x.inside, g.y.frac, g.y.inside)
+        ctx.save_for_backward(value_rows, g.first, g.values, g.x.frac, g.x.gain, g.y.frac, g.y.gain)
         ctx.sizes = (shapes, M, D)
-        ctx.pixels_per_unit = spatial_shapes.flip(-1).to(loc.dtype)  # (L, 2) as (W, H)
         return out.view(N, Lq, M * D)
 
     @staticmethod
     def backward(ctx, grad_out):
-        value_rows, weights, first, values, frac_x, inside_x, frac_y, inside_y = ctx.saved_tensors
+        value_rows, first, values, frac_x, gain_x, frac_y, gain_y = ctx.saved_tensors
         shapes, M, D = ctx.sizes
         cols = value_rows.shape[0]
         columns = corner_columns(first, shapes, M)
@@ -257,15 +263,15 @@ class _SparseMSDA(torch.autograd.Function):
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             # g[corner] = <grad_out row, value row of the corner> = d loss / d (its weight in A);
             # corners in the ring read zeros, so their g is 0
-            g00, g01, g10, g11 = [corner_dots(c, v, g_rows, value_rows) for c, v in zip(columns, values)]
+            g00, g01, g10, g11 = corner_dots(columns, values, g_rows, value_rows)
             across = [g01.sub_(g00), g11.sub_(g10)]  # d / d x of each row of corners (upper - lower)
             along_x = [g00.addcmul_(across[0], frac_x), g10.addcmul_(across[1], frac_x)]  # each row's sample
             if ctx.needs_input_grad[4]:
                 grad_weights = torch.lerp(along_x[0], along_x[1], frac_y)  # (N, Lq, M, L, P)
             if ctx.needs_input_grad[3]:
-                grad_x = torch.lerp(across[0], across[1], frac_y).mul_(weights).mul_(inside_x)
-                grad_y = along_x[1].sub_(along_x[0]).mul_(weights).mul_(inside_y)
-                grad_loc = torch.stack((grad_x, grad_y), -1).mul_(ctx.pixels_per_unit[:, None, :])
+                grad_x = torch.lerp(across[0], across[1], frac_y).mul_(gain_x)
+                grad_y = along_x[1].sub_(along_x[0]).mul_(gain_y)
+                grad_loc = torch.stack((grad_x, grad_y), -1)
         return grad_value, None, None, grad_loc, grad_weights
 
 
