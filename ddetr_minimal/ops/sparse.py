@@ -168,10 +168,16 @@ def corner_columns(first: Tensor, shapes: Sequence[Tuple[int, int]], M: int) -> 
 
 # --- the sparse matrices ----------------------------------------------------------------------
 
+_FIRST_CSR = [True]
+
+
 def _csr(crow: Tensor, col: Tensor, values: Tensor, size) -> Tensor:
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": the layout used here is stable
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+    if _FIRST_CSR[0]:  # PyTorch warns once per process that sparse CSR support is in beta; the
+        _FIRST_CSR[0] = False  # layout used here is stable, so that warning is silenced
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+    return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
 def corner_matrix(column: Tensor, values: Tensor, cols: int) -> Tensor:
