@@ -20,8 +20,8 @@ Why this is the fastest formulation measured on a CPU (``python -m ddetr_minimal
 bench-formulations``): ``grid_sample`` reads a corner channel by channel from ``D`` planes
 and, in the backward pass, adds its gradient back the same way, one scalar at a time, which is
 most of the op's time at small ``D``. Here a corner is one row of ``D`` contiguous numbers,
-read, dotted and added by MKL's sparse kernels, and no tensor of samples (``D`` numbers per
-point) is ever written to memory. Layouts need no copy: rows ``(n, q, m)`` are the output's
+read, dotted and added by PyTorch's sparse kernels (MKL's where PyTorch is built with it), and
+no tensor of samples (``D`` numbers per point) is ever written to memory. Layouts need no copy: rows ``(n, q, m)`` are the output's
 ``(N, Lq, M*D)`` memory, columns ``(n, s, m)`` are ``value``'s ``(N, S, M, D)``.
 
 **A ring of zeros around every level.** ``value`` is copied once into maps one pixel larger on
