@@ -43,7 +43,7 @@ def test_gradcheck_float64(name, shapes, N, Lq, M, D, P):
     assert torch.autograd.gradcheck(lambda v, loc, aw: fn(v, ss, lsi, loc, aw), (v, loc, aw), eps=1e-6, atol=1e-5)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     levels=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4),
     N=st.integers(1, 2), Lq=st.integers(1, 5), M=st.integers(1, 3), D=st.integers(1, 4), P=st.integers(1, 3),

@@ -84,17 +84,21 @@ class MSDeformAttn(nn.Module):
         """
         N, Lq, _ = query.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
-        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)  # (N, Lq, M, L, P, 2)
+        offsets = self.sampling_offsets(query)  # (N, Lq, M*L*P*2)
         weights = self.attention_weights(query).view(N, Lq, M, L * P)  # (N, Lq, M, L*P)
         weights = weights.softmax(-1).view(N, Lq, M, L, P)  # (N, Lq, M, L, P)
         ref = reference_points[:, :, None, :, None, :]  # (N, Lq, 1, L, 1, 2|4)
+        # Each step below broadcasts along a long, contiguous last axis, or once over the short
+        # ones: a tensor broadcast over (P, 2) is read two numbers at a time, many times slower.
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide by (W_l, H_l) to normalise
             normaliser = spatial_shapes.flip(-1).to(query.dtype)  # (L, 2) as (W, H)
-            locations = ref + offsets / normaliser[None, None, None, :, None, :]
+            normaliser = normaliser[None, :, None, :].expand(M, L, P, 2).reshape(-1)  # (M*L*P*2,)
+            locations = (offsets / normaliser).view(N, Lq, M, L, P, 2) + ref
         else:
             # box reference: offsets are relative to the box size, at most half of it per P
-            locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
+            offsets = (offsets / P).view(N, Lq, M, L, P, 2)
+            locations = torch.addcmul(ref[..., :2], offsets, ref[..., 2:], value=0.5)
         return locations, weights
 
     def _check(self, query, reference_points, input_flatten, spatial_shapes, padding_mask):

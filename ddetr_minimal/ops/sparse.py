@@ -49,7 +49,8 @@ from typing import List, NamedTuple, Sequence, Tuple
 import torch
 from torch import Tensor
 
-CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (y neighbour, x neighbour): lower or upper
+# The four corners of a point, k = 0..3, in the order of every (4, ...) tensor below:
+# (y neighbour, x neighbour) = (lower, lower), (lower, upper), (upper, lower), (upper, upper).
 
 
 def index_dtype_for(*counts: int) -> torch.dtype:
