@@ -66,6 +66,9 @@ def test_book_builds_every_page(built_book):
         # a role the parser did not see (e.g. inside inline code) is printed as typed
         for role in ("{glue:", "{numref}", "{doc}", "{cite}"):
             assert role not in text, f"{page} shows an unrendered {role} role"
+        # a command typeset as prose turns "--force" into "–force", which no shell accepts
+        dashed = re.search(r"ddetr_minimal [a-z-]+[^<\n]*?\s[\u2013\u2014][a-z]", text)
+        assert dashed is None, f"{page} prints a command with a typographic dash: {dashed and dashed.group(0)}"
 
 
 def test_every_figure_a_chapter_shows_is_in_the_page(built_book):

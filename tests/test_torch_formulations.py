@@ -156,3 +156,43 @@ def test_saves_less_than_transformers_at_the_benchmark_shapes():
         inputs = op_inputs(**sizes)
         ours = saved_tensor_bytes(ms_deform_attn_sparse, *inputs)
         assert 0 < ours < saved_tensor_bytes(theirs, *inputs), case
+
+
+def test_every_point_on_one_pixel():
+    """Rows that list one column many times (the CSR matrices are built without PyTorch's
+    sorted-and-distinct invariant on purpose): duplicates are added, as the loop does."""
+    v, ss, lsi, loc, aw = make_op_inputs([(3, 4), (2, 2)], N=2, Lq=3, M=2, D=3, P=4, requires_grad=True)
+    centre = torch.tensor([1.5 / 4 + 0.01, 1.5 / 3 - 0.02], dtype=torch.float64)  # near pixel (1, 1)
+    loc = centre.expand(loc.shape).clone().requires_grad_()
+    reference = outputs_and_grads(ms_deform_attn_loop, v, ss, lsi, loc, aw)
+    assert_same(outputs_and_grads(ms_deform_attn_sparse, v, ss, lsi, loc, aw), reference, 1e-12)
+
+
+def test_nan_attention_weights_reach_value_gradient_as_in_the_loop():
+    """Only undefined *locations* are kept out of value's gradient; a NaN weight shows up there."""
+    v, ss, lsi, loc, aw = make_op_inputs([(4, 5)], N=1, Lq=3, M=2, D=3, P=2, requires_grad=True)
+    aw = aw.detach().clone()
+    aw[0, 1, 0, 0, 1] = float("nan")
+    aw.requires_grad_()
+    for fn in (ms_deform_attn_loop, ms_deform_attn_sparse):
+        out, grad_value, grad_loc, grad_weights = outputs_and_grads(fn, v, ss, lsi, loc, aw, plain_grad=True)
+        assert grad_value.isnan().any() and not grad_weights[0, 0].isnan().any(), fn.__name__
+
+
+def test_a_location_exactly_on_the_ring_has_the_one_sided_gradient():
+    """x exactly one pixel left of the first pixel centre (pixel coordinate -1): the loop's
+    and grid_sample's derivative there is the one towards the map, not zero."""
+    v, ss, lsi, loc, aw = make_op_inputs([(4, 4)], N=1, Lq=1, M=1, D=2, P=1, requires_grad=True)
+    loc = torch.tensor([-0.5 / 4, 0.4], dtype=torch.float64).view(1, 1, 1, 1, 1, 2).requires_grad_()
+    reference = outputs_and_grads(ms_deform_attn_loop, v, ss, lsi, loc, aw)
+    assert reference[2][..., 0].abs().sum() > 0
+    for name, fn in FORMULATIONS.items():
+        assert_same(outputs_and_grads(fn, v, ss, lsi, loc, aw), reference, 1e-12, name)
+
+
+def test_second_order_gradients_refused_clearly():
+    v, ss, lsi, loc, aw = make_op_inputs([(3, 4)], requires_grad=True)
+    out = ms_deform_attn_sparse(v, ss, lsi, loc, aw)
+    (grad_value,) = torch.autograd.grad(out.square().sum(), v, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_value.sum().backward()

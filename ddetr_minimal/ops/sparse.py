@@ -21,8 +21,10 @@ bench-formulations``): ``grid_sample`` reads a corner channel by channel from ``
 and, in the backward pass, adds its gradient back the same way, one scalar at a time, which is
 most of the op's time at small ``D``. Here a corner is one row of ``D`` contiguous numbers,
 read, dotted and added by PyTorch's sparse kernels (MKL's where PyTorch is built with it), and
-no tensor of samples (``D`` numbers per point) is ever written to memory. Layouts need no copy: rows ``(n, q, m)`` are the output's
-``(N, Lq, M*D)`` memory, columns ``(n, s, m)`` are ``value``'s ``(N, S, M, D)``.
+no tensor of samples (``D`` numbers per point) is ever written to memory (except on maps
+smaller than the points per query, see :func:`corner_dots`). Rows ``(n, q, m)`` are the
+output's ``(N, Lq, M*D)`` memory and columns ``(n, s, m)`` are ``value``'s ``(N, S, M, D)``
+rows, so neither needs a transposing copy.
 
 **A ring of zeros around every level.** ``value`` is copied once into maps one pixel larger on
 every side, zeros in the ring. A neighbour just off the map then reads a zero from the ring, so
@@ -30,16 +32,29 @@ no weight needs an on-map mask, and a point further out is clamped onto the ring
 gradient is zero there, as ``grid_sample``'s). The ring also makes the transpose cheap:
 ``A_k.T``'s rows are ``A_k``'s columns, found by sorting the corners by the value row they
 read. Without clamping onto the map, corner ``k`` of a point reads a fixed offset from its
-corner ``(0, 0)`` (``+1`` right, ``+W + 2`` down), so one stable sort of the points by that
-corner orders all four corners at once, and every sum runs in the same order, whatever the
-threads.
+corner ``(0, 0)``: one pixel right is ``M`` value rows on, one pixel down ``(W + 2) * M``. That
+offset is the same for every point of a level, and each level's rows are one contiguous block,
+so adding it keeps the order: one stable sort of the points by corner ``(0, 0)`` orders all four
+corners at once. The sort is stable and each output row of a product is summed by one thread
+(MKL splits the work by rows), so every sum runs in the same order, whatever the threads.
+
+The matrices are CSR tensors built with ``check_invariants=False`` on purpose: two points (or
+corners) may read the same value row, so a row can list a column twice, unsorted, and ``A_k.T``
+can have more entries in a row than columns. PyTorch's products add such duplicate entries
+(tested against the loop reference, all points on one pixel included); its stricter invariants
+would require coalescing them, an extra sort per matrix.
+
+Second-order gradients (``create_graph=True`` through the backward pass) are not supported
+(the backward pass is one custom function, as the official CUDA kernel's is); the ``loop``
+backend and :mod:`.grid_sample` support them.
 
 Every per-point step runs on whole ``(N, Lq, M, L, P)`` tensors of one dtype (tensors broadcast
 over a short last axis run many times slower), in place where a tensor is not needed again:
 every fresh tensor of that size costs page faults, often more than its arithmetic.
 
 Bilinear reading as ``grid_sample`` does it (``align_corners=False``, zeros outside the map):
-pixel centres at ``(i + 0.5) / size``. NaN locations give NaN outputs.
+pixel centres at ``(i + 0.5) / size``. NaN or infinite locations give NaN outputs for their
+head and add nothing to ``value``'s gradient.
 """
 from __future__ import annotations
 
@@ -48,6 +63,10 @@ from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+# PyTorch warns once that sparse CSR support is in beta; the products used here are stable
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 # The four corners of a point, k = 0..3, in the order of every (4, ...) tensor below:
 # (y neighbour, x neighbour) = (lower, lower), (lower, upper), (upper, lower), (upper, upper).
@@ -107,7 +126,7 @@ def _axis(coord: Tensor, size: Tensor, weights: Tensor) -> Axis:
     pixel -= 0.5  # pixel centres at integers
     # a NaN or infinite location has no defined sample: its weights (and gain) become NaN
     undefined = pixel * 0  # 0, or NaN where the pixel is not finite
-    gain = ((pixel > -1) & (pixel < size)).to(coord.dtype).add_(undefined).mul_(size).mul_(weights)
+    gain = ((pixel >= -1) & (pixel < size)).to(coord.dtype).add_(undefined).mul_(size).mul_(weights)
     pixel = torch.clamp(pixel, pixel.new_tensor(-1.0), size)  # onto the ring
     low = torch.minimum(pixel.floor(), size - 1)  # pixel = size reads the ring with weight 1
     frac = pixel.sub_(low).add_(undefined)
@@ -169,15 +188,8 @@ def corner_columns(first: Tensor, shapes: Sequence[Tuple[int, int]], M: int) -> 
 
 # --- the sparse matrices ----------------------------------------------------------------------
 
-_FIRST_CSR = [True]
-
-
 def _csr(crow: Tensor, col: Tensor, values: Tensor, size) -> Tensor:
-    if _FIRST_CSR[0]:  # PyTorch warns once per process that sparse CSR support is in beta; the
-        _FIRST_CSR[0] = False  # layout used here is stable, so that warning is silenced
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+    """A CSR tensor whose rows may repeat a column (see the module's docstring)."""
     return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
@@ -197,8 +209,7 @@ def entry_rows(column: Tensor) -> Tensor:
 def transposes(columns: Tensor, values: Tensor, cols: int):
     """A_k.T in CSR for k = 0..3, one after the other: row c lists the corners that read value
     row c. One stable sort of the points by their corner (0, 0) orders every corner (the
-    module's docstring says why); the gathered values' buffer is reused from one k to the next.
-    A point without a defined sample (NaN weights) adds nothing to ``value``'s gradient."""
+    module's docstring says why); the gathered values' buffer is reused from one k to the next."""
     per_row = columns.shape[-1] * columns.shape[-2]
     rows = columns[0].numel() // per_row
     order = torch.sort(columns[0].reshape(-1), stable=True).indices
@@ -208,23 +219,21 @@ def transposes(columns: Tensor, values: Tensor, cols: int):
     for column, value in zip(columns, values):
         torch.cumsum(torch.bincount(column.reshape(-1), minlength=cols), 0, out=crow[1:])
         torch.index_select(value.reshape(-1), 0, order, out=gathered)
-        gathered.nan_to_num_(nan=0.0)
         yield _csr(crow, a_row, gathered, (cols, rows))
 
 
-def corner_dots(columns: Tensor, values: Tensor, g_rows: Tensor, value_rows: Tensor) -> Tensor:
+def corner_dots(columns: Tensor, g_rows: Tensor, value_rows: Tensor) -> Tensor:
     """(4, N, Lq, M, L, P): for every corner, the dot product of its row of ``g_rows`` and the
     value row it reads -- ``sampled_addmm``, which computes ``g_rows @ value_rows.T`` only where
     A_k has an entry, written into one buffer. (It refuses a row with more entries than A_k has
     columns, possible only on maps smaller than the points per query; those small cases gather
     the rows instead.)"""
     cols = value_rows.shape[0]
-    dots = torch.empty_like(values)
-    for column, value, out in zip(columns, values, dots):
+    dots = torch.zeros(columns.shape, dtype=value_rows.dtype)  # zeros: the pattern sampled_addmm multiplies by beta = 0
+    for column, out in zip(columns, dots):
         if column.shape[-1] * column.shape[-2] <= cols:
-            a = corner_matrix(column, value, cols)
-            result = _csr(a.crow_indices(), a.col_indices(), out.view(-1), a.shape)
-            torch.sparse.sampled_addmm(a, g_rows, value_rows.t(), beta=0.0, out=result)
+            pattern = corner_matrix(column, out, cols)  # its values are `out`, written in place
+            torch.sparse.sampled_addmm(pattern, g_rows, value_rows.t(), beta=0.0, out=pattern)
         else:
             rows = g_rows.index_select(0, entry_rows(column))
             torch.sum(rows * value_rows.index_select(0, column.reshape(-1)), -1, out=out.view(-1))
@@ -251,6 +260,7 @@ class _SparseMSDA(torch.autograd.Function):
         return out.view(N, Lq, M * D)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         value_rows, first, values, frac_x, gain_x, frac_y, gain_y = ctx.saved_tensors
         shapes, M, D = ctx.sizes
@@ -259,6 +269,9 @@ class _SparseMSDA(torch.autograd.Function):
         g_rows = grad_out.reshape(-1, D).contiguous()  # (N*Lq*M, D)
         grad_value = grad_loc = grad_weights = None
         if ctx.needs_input_grad[0]:
+            undefined = frac_x.isnan() | frac_y.isnan()  # NaN or infinite locations: no sample
+            if undefined.any():  # to add nothing to value's gradient (NaN weights still do)
+                values = values.masked_fill(undefined, 0.0)
             ringed_grad = None
             for a_t in transposes(columns, values, cols):
                 if ringed_grad is None:
@@ -270,7 +283,7 @@ class _SparseMSDA(torch.autograd.Function):
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             # g[corner] = <grad_out row, value row of the corner> = d loss / d (its weight in A);
             # corners in the ring read zeros, so their g is 0
-            g00, g01, g10, g11 = corner_dots(columns, values, g_rows, value_rows)
+            g00, g01, g10, g11 = corner_dots(columns, g_rows, value_rows)
             across = [g01.sub_(g00), g11.sub_(g10)]  # d / d x of each row of corners (upper - lower)
             along_x = [g00.addcmul_(across[0], frac_x), g10.addcmul_(across[1], frac_x)]  # each row's sample
             if ctx.needs_input_grad[4]:

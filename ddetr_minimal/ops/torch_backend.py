@@ -5,7 +5,9 @@
 * elsewhere (CUDA tensors, other dtypes): :mod:`.grid_sample`, one ``grid_sample`` per level.
 
 Both compute the same numbers and gradients as the ``loop`` reference, up to the order in which
-floating-point terms are added; the tests hold each of them to it.
+floating-point terms are added (and the one-sided derivative a location gets exactly on a pixel
+centre, where bilinear interpolation has a kink); the tests hold each of them to it. Only
+:mod:`.grid_sample` supports second-order gradients.
 """
 from __future__ import annotations
 
