@@ -47,10 +47,12 @@ def test_gradcheck_float64(name, shapes, N, Lq, M, D, P):
 @given(
     levels=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4),
     N=st.integers(1, 2), Lq=st.integers(1, 5), M=st.integers(1, 3), D=st.integers(1, 4), P=st.integers(1, 3),
-    lo=st.floats(-1.5, 0.5), span=st.floats(0.0, 3.0), seed=st.integers(0, 2**16),
+    lo=st.floats(-1.5, 0.5), span=st.floats(0.05, 3.0), seed=st.integers(0, 2**16),
 )
 def test_both_formulations_match_the_loop(levels, N, Lq, M, D, P, lo, span, seed):
-    """Random shapes, locations inside, straddling and far outside the maps (clamped onto the ring)."""
+    """Random shapes, locations inside, straddling and far outside the maps (clamped onto the ring).
+    Random locations (span > 0) never sit exactly on a pixel centre, where the derivative has a
+    kink and grid_sample's rounding of the coordinate may pick the other side."""
     inputs = make_op_inputs(levels, N, Lq, M, D, P, lo=lo, hi=lo + span, seed=seed, requires_grad=True)
     reference = outputs_and_grads(ms_deform_attn_loop, *inputs)
     for name, fn in FORMULATIONS.items():
