@@ -53,9 +53,11 @@ def test_benchmark_compares_with_transformers_on_tiny_shapes(tmp_path, capsys):
     assert op["memory_ratio"] == pytest.approx(op["ours_saved_bytes"] / op["transformers_saved_bytes"])
     step = versus["training_step"]
     assert step["image_size"] == 64 and step["threads"] == 2
+    profile = versus["training_step_profile"]  # where our step's time goes, recorded with it
+    assert profile["image_size"] == 64 and sum(profile["kind_shares"].values()) == pytest.approx(1.0)
     assert step["time_ratio"] == pytest.approx(step["ours_wall_s"] / step["transformers_wall_s"])
     printed = capsys.readouterr().out
-    assert "op fwd+bwd, tiny" in printed and "training step 64x64" in printed
+    assert "op fwd+bwd, tiny" in printed and "training step 64x64" in printed and "by kind of work" in printed
 
 
 def test_transformers_is_a_test_dependency():

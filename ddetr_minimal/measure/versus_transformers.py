@@ -12,7 +12,8 @@ Measured side by side in one process, with the same inputs:
   random weights, batch 1): forward, matching, losses, backward, against
   ``DeformableDetrForObjectDetection`` built with the same configuration (timm's ResNet-50
   without pretrained weights, frozen batch norm, stem and first stage frozen as here, the
-  same dropout, the paper's matching costs, focal loss and auxiliary losses).
+  same dropout, the paper's matching costs, focal loss and auxiliary losses);
+* **where our step's time goes**, by stage and by kind of work (:mod:`.step_profile`).
 
 ``transformers`` (and ``timm`` for its backbone) are benchmark and test dependencies only;
 they are imported inside the functions below, never when the package is imported.
@@ -27,6 +28,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .memory import saved_tensor_bytes
+from .step_profile import profile_step
+from .step_profile import report as step_report
 from ..ops.checks import level_start_index_from_shapes
 from ..ops.msda import ms_deform_attn
 
@@ -123,17 +126,24 @@ def compare_op(cases: Optional[Dict[str, dict]] = None, levels: Sequence[Sequenc
     return rows
 
 
-def build_pair(image_size: int = 320, num_classes: int = 91, d_model: int = 256, layers: int = 6,
-               ffn: int = 1024, num_queries: int = 300, seed: int = 0):
-    """This package's Deformable DETR (model, criterion) and transformers' with the same configuration."""
-    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
-
+def build_ours(num_classes: int = 91, d_model: int = 256, layers: int = 6, ffn: int = 1024,
+               num_queries: int = 300, seed: int = 0):
+    """This package's paper-sized Deformable DETR (model, criterion), in training mode."""
     from ..models.build import build_model
 
     torch.manual_seed(seed)
     model, criterion, _ = build_model("deformable", num_classes=num_classes, backbone="resnet50", d_model=d_model,
                                       enc_layers=layers, dec_layers=layers, dim_feedforward=ffn,
                                       num_queries=num_queries, backend="torch")
+    return model.train(), criterion
+
+
+def build_pair(image_size: int = 320, num_classes: int = 91, d_model: int = 256, layers: int = 6,
+               ffn: int = 1024, num_queries: int = 300, seed: int = 0):
+    """This package's Deformable DETR (model, criterion) and transformers' with the same configuration."""
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
+
+    model, criterion = build_ours(num_classes, d_model, layers, ffn, num_queries, seed)
     config = DeformableDetrConfig(
         use_timm_backbone=True, backbone="resnet50", use_pretrained_backbone=False, num_labels=num_classes,
         d_model=d_model, encoder_layers=layers, decoder_layers=layers, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
@@ -146,20 +156,27 @@ def build_pair(image_size: int = 320, num_classes: int = 91, d_model: int = 256,
     for name, p in theirs.model.backbone.named_parameters():
         if not any(stage in name for stage in ("layer2", "layer3", "layer4")):
             p.requires_grad_(False)
-    return (model.train(), criterion), theirs.train()
+    return (model, criterion), theirs.train()
+
+
+def step_inputs(image_size: int = 320):
+    """The training step's image (1, 3, H, W) and its three targets (labels, (cx, cy, w, h) boxes)."""
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(1, 3, image_size, image_size, generator=g)  # (1, 3, H, W)
+    labels = torch.tensor([1, 5, 7])
+    boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4], [0.5, 0.8, 0.1, 0.1]])  # (cx, cy, w, h)
+    return image, [{"labels": labels, "boxes": boxes}]
 
 
 def training_steps(image_size: int = 320, **sizes) -> Dict[str, Callable[[], None]]:
     """One training step (forward, matching, losses, backward) of each detector on the same image."""
     (model, criterion), theirs = build_pair(image_size, **sizes)
-    g = torch.Generator().manual_seed(1)
-    image = torch.randn(1, 3, image_size, image_size, generator=g)  # (1, 3, H, W)
-    labels = torch.tensor([1, 5, 7])
-    boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4], [0.5, 0.8, 0.1, 0.1]])  # (cx, cy, w, h)
+    image, targets = step_inputs(image_size)
+    labels, boxes = targets[0]["labels"], targets[0]["boxes"]
 
     def ours():
         model.zero_grad(set_to_none=True)
-        losses = criterion(model(image), [{"labels": labels, "boxes": boxes}])
+        losses = criterion(model(image), targets)
         criterion.total_loss(losses).backward()
 
     def transformers():
@@ -198,7 +215,9 @@ def compare(op_repeats: int = 7, step_repeats: int = 5, step_threads: int = 2, i
     finally:
         torch.set_num_threads(before)
     step = compare_training_step(image_size, step_threads, step_repeats, step_warmup, **step_sizes)
-    return {"transformers": transformers.__version__, "op": op, "training_step": step}
+    profile = profile_step(*build_ours(**step_sizes), step_inputs(image_size), step_threads, max(step_warmup, 1))
+    return {"transformers": transformers.__version__, "op": op, "training_step": step,
+            "training_step_profile": {"image_size": image_size, **profile}}
 
 
 def report(result: dict) -> str:
@@ -219,4 +238,6 @@ def report(result: dict) -> str:
     lines.append(f"  {label:<{w}} {s['ours_wall_s']:>8.2f} s {s['transformers_wall_s']:>11.2f} s {s['time_ratio']:>6.2f}")
     label = f"training step {s['image_size']}x{s['image_size']}, {s['threads']} threads, CPU time"
     lines.append(f"  {label:<{w}} {s['ours_cpu_s']:>8.2f} s {s['transformers_cpu_s']:>11.2f} s {s['cpu_time_ratio']:>6.2f}")
+    if "training_step_profile" in result:
+        lines += ["", step_report(result["training_step_profile"])]
     return "\n".join(lines)
