@@ -16,6 +16,21 @@ def make_op_inputs(shapes, N=2, Lq=5, M=2, D=3, P=2, dtype=torch.float64, lo=-0.
                             requires_grad=requires_grad)
 
 
+def output_and_grads(fn, inputs, grad_output=None):
+    """Forward output and the gradients of value, sampling locations and attention weights of
+    ``fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)``; the
+    output's gradient is ``grad_output``, random (seed 1) when None."""
+    # detach, not clone: a clone would move a deliberately misaligned value to aligned memory
+    value, shapes, starts, loc, weights = [t.detach() for t in inputs]
+    for t in (value, loc, weights):
+        t.requires_grad_(True)
+    out = fn(value, shapes, starts, loc, weights)
+    if grad_output is None:
+        grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, (value, loc, weights), grad_output.to(out.dtype))
+    return (out.detach(), *grads)
+
+
 def giou_cxcywh(a, b):
     """GIoU of two (cx, cy, w, h) boxes, written out from its definition (for checking the library)."""
     ax1, ay1, ax2, ay2 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2

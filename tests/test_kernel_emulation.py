@@ -19,6 +19,7 @@ from ddetr_minimal.ops import cupy_kernel, emulation, kernel_files
 from ddetr_minimal.ops.emulation import build, launch, load, ms_deform_attn_emulated
 from ddetr_minimal.ops.checks import level_start_index_from_shapes
 from ddetr_minimal.ops.msda import ms_deform_attn
+from conftest import output_and_grads
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,19 +77,6 @@ def make_inputs(N, M, D, Lq, shapes, P, dtype=torch.float64, seed=0):
     weights = logits.softmax(-1).view(N, Lq, M, L, P)  # (N, Lq, M, L, P)
     return (value.to(dtype), spatial_shapes, level_start_index_from_shapes(spatial_shapes),
             loc.to(dtype), weights.to(dtype))
-
-
-def output_and_grads(fn, inputs, grad_output=None):
-    """Forward output and the gradients of value, sampling locations and attention weights."""
-    # detach, not clone: a clone would move a deliberately misaligned value to aligned memory
-    value, shapes, starts, loc, weights = [t.detach() for t in inputs]
-    for t in (value, loc, weights):
-        t.requires_grad_(True)
-    out = fn(value, shapes, starts, loc, weights)
-    if grad_output is None:
-        grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = torch.autograd.grad(out, (value, loc, weights), grad_output.to(out.dtype))
-    return (out.detach(), *grads)
 
 
 def torch_backend(*args):

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_op_inputs
+from conftest import make_op_inputs, output_and_grads
 from ddetr_minimal.ops import sparse
 from ddetr_minimal.ops.grid_sample import ms_deform_attn_grid_sample
 from ddetr_minimal.ops.reference import ms_deform_attn_loop
@@ -16,13 +16,6 @@ from ddetr_minimal.ops.sparse import ms_deform_attn_sparse
 from ddetr_minimal.ops.torch_backend import formulation, ms_deform_attn_torch
 
 FORMULATIONS = {"sparse": ms_deform_attn_sparse, "grid_sample": ms_deform_attn_grid_sample}
-
-
-def outputs_and_grads(fn, v, ss, lsi, loc, aw, plain_grad=False):
-    out = fn(v, ss, lsi, loc, aw)
-    grad_out = torch.ones_like(out) if plain_grad else torch.ones_like(out) + out.detach()
-    grads = torch.autograd.grad(out, (v, loc, aw), grad_out)
-    return (out.detach(), *grads)
 
 
 def assert_same(a, b, tol, what=""):
@@ -54,17 +47,17 @@ def test_both_formulations_match_the_loop(levels, N, Lq, M, D, P, lo, span, seed
     Random locations (span > 0) never sit exactly on a pixel centre, where the derivative has a
     kink and grid_sample's rounding of the coordinate may pick the other side."""
     inputs = make_op_inputs(levels, N, Lq, M, D, P, lo=lo, hi=lo + span, seed=seed, requires_grad=True)
-    reference = outputs_and_grads(ms_deform_attn_loop, *inputs)
+    reference = output_and_grads(ms_deform_attn_loop, inputs)
     for name, fn in FORMULATIONS.items():
-        assert_same(outputs_and_grads(fn, *inputs), reference, 1e-8, name)
+        assert_same(output_and_grads(fn, inputs), reference, 1e-8, name)
 
 
 def test_float32_at_model_shapes():
     inputs = make_op_inputs([(16, 16), (8, 8), (4, 4), (2, 2)], N=2, Lq=50, M=8, D=32, P=4,
                             dtype=torch.float32, requires_grad=True)
-    reference = outputs_and_grads(ms_deform_attn_loop, *inputs)
+    reference = output_and_grads(ms_deform_attn_loop, inputs)
     for name, fn in FORMULATIONS.items():
-        assert_same(outputs_and_grads(fn, *inputs), reference, 2e-5, name)
+        assert_same(output_and_grads(fn, inputs), reference, 2e-5, name)
 
 
 def test_the_torch_backend_picks_sparse_on_the_cpu():
@@ -72,7 +65,7 @@ def test_the_torch_backend_picks_sparse_on_the_cpu():
     assert formulation(v) == "sparse" and formulation(v.double()) == "sparse"
     assert formulation(v.half()) == "grid_sample"  # sparse CSR products are float32/float64 only
     inputs = make_op_inputs([(3, 4)], requires_grad=True)
-    assert_same(outputs_and_grads(ms_deform_attn_torch, *inputs), outputs_and_grads(ms_deform_attn_sparse, *inputs), 0)
+    assert_same(output_and_grads(ms_deform_attn_torch, inputs), output_and_grads(ms_deform_attn_sparse, inputs), 0)
 
 
 def test_ring_round_trip():
@@ -99,10 +92,10 @@ def test_one_sort_orders_every_corner():
 def test_int64_indices_give_the_same_result(monkeypatch):
     """Beyond 2**31 entries the indices are int64; forced here on a small case."""
     inputs = make_op_inputs([(4, 5), (2, 3)], N=2, Lq=6, M=2, D=3, P=2, requires_grad=True)
-    int32 = outputs_and_grads(ms_deform_attn_sparse, *inputs)
+    int32 = output_and_grads(ms_deform_attn_sparse, inputs)
     assert sparse.index_dtype_for(2**31 - 1) == torch.int32 and sparse.index_dtype_for(2**31) == torch.int64
     monkeypatch.setattr(sparse, "index_dtype_for", lambda *counts: torch.int64)
-    assert_same(outputs_and_grads(ms_deform_attn_sparse, *inputs), int32, 1e-12, "int64")
+    assert_same(output_and_grads(ms_deform_attn_sparse, inputs), int32, 1e-12, "int64")
 
 
 def test_deterministic_and_independent_of_threads():
@@ -111,10 +104,10 @@ def test_deterministic_and_independent_of_threads():
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = outputs_and_grads(ms_deform_attn_sparse, *inputs)
+        one = output_and_grads(ms_deform_attn_sparse, inputs)
         torch.set_num_threads(2)
-        two = outputs_and_grads(ms_deform_attn_sparse, *inputs)
-        again = outputs_and_grads(ms_deform_attn_sparse, *inputs)
+        two = output_and_grads(ms_deform_attn_sparse, inputs)
+        again = output_and_grads(ms_deform_attn_sparse, inputs)
     finally:
         torch.set_num_threads(before)
     for a, b, c in zip(one, two, again):
@@ -130,8 +123,8 @@ def test_undefined_locations(name):
     loc[1, 2, 0, 1, 1, 0] = float("nan")
     loc[0, 1, 1, 0, 0, 1] = float("-inf")
     loc.requires_grad_()
-    out, grad_value, grad_loc, grad_weights = outputs_and_grads(FORMULATIONS[name], v, ss, lsi, loc, aw,
-                                                                plain_grad=True)
+    out, grad_value, grad_loc, grad_weights = output_and_grads(FORMULATIONS[name], (v, ss, lsi, loc, aw),
+                                                               torch.ones(2, 3, 6))
     bad = torch.zeros(2, 3, 2, dtype=torch.bool)
     bad[1, 2, 0] = bad[0, 1, 1] = True
     assert torch.equal(out.view(2, 3, 2, 3).isnan().all(-1), bad)
@@ -143,7 +136,7 @@ def test_undefined_locations(name):
 @pytest.mark.parametrize("name", FORMULATIONS)
 def test_no_queries(name):
     v, ss, lsi, loc, aw = make_op_inputs([(3, 4)], N=2, Lq=0, M=2, D=3, P=2, requires_grad=True)
-    out, grad_value, grad_loc, grad_weights = outputs_and_grads(FORMULATIONS[name], v, ss, lsi, loc, aw)
+    out, grad_value, grad_loc, grad_weights = output_and_grads(FORMULATIONS[name], (v, ss, lsi, loc, aw))
     assert out.shape == (2, 0, 6) and not grad_value.any() and grad_loc.shape == loc.shape
 
 
@@ -166,8 +159,8 @@ def test_every_point_on_one_pixel():
     v, ss, lsi, loc, aw = make_op_inputs([(3, 4), (2, 2)], N=2, Lq=3, M=2, D=3, P=4, requires_grad=True)
     centre = torch.tensor([1.5 / 4 + 0.01, 1.5 / 3 - 0.02], dtype=torch.float64)  # near pixel (1, 1)
     loc = centre.expand(loc.shape).clone().requires_grad_()
-    reference = outputs_and_grads(ms_deform_attn_loop, v, ss, lsi, loc, aw)
-    assert_same(outputs_and_grads(ms_deform_attn_sparse, v, ss, lsi, loc, aw), reference, 1e-12)
+    reference = output_and_grads(ms_deform_attn_loop, (v, ss, lsi, loc, aw))
+    assert_same(output_and_grads(ms_deform_attn_sparse, (v, ss, lsi, loc, aw)), reference, 1e-12)
 
 
 def test_nan_attention_weights_reach_value_gradient_as_in_the_loop():
@@ -177,7 +170,7 @@ def test_nan_attention_weights_reach_value_gradient_as_in_the_loop():
     aw[0, 1, 0, 0, 1] = float("nan")
     aw.requires_grad_()
     for fn in (ms_deform_attn_loop, ms_deform_attn_sparse):
-        out, grad_value, grad_loc, grad_weights = outputs_and_grads(fn, v, ss, lsi, loc, aw, plain_grad=True)
+        out, grad_value, grad_loc, grad_weights = output_and_grads(fn, (v, ss, lsi, loc, aw))
         assert grad_value.isnan().any() and not grad_weights[0, 0].isnan().any(), fn.__name__
 
 
@@ -186,10 +179,10 @@ def test_a_location_exactly_on_the_ring_has_the_one_sided_gradient():
     and grid_sample's derivative there is the one towards the map, not zero."""
     v, ss, lsi, loc, aw = make_op_inputs([(4, 4)], N=1, Lq=1, M=1, D=2, P=1, requires_grad=True)
     loc = torch.tensor([-0.5 / 4, 0.4], dtype=torch.float64).view(1, 1, 1, 1, 1, 2).requires_grad_()
-    reference = outputs_and_grads(ms_deform_attn_loop, v, ss, lsi, loc, aw)
+    reference = output_and_grads(ms_deform_attn_loop, (v, ss, lsi, loc, aw))
     assert reference[2][..., 0].abs().sum() > 0
     for name, fn in FORMULATIONS.items():
-        assert_same(outputs_and_grads(fn, v, ss, lsi, loc, aw), reference, 1e-12, name)
+        assert_same(output_and_grads(fn, (v, ss, lsi, loc, aw)), reference, 1e-12, name)
 
 
 def test_second_order_gradients_refused_clearly():

@@ -299,6 +299,6 @@ def ms_deform_attn_sparse(value, spatial_shapes, level_start_index, sampling_loc
     """The op (see :func:`ddetr_minimal.ops.msda.ms_deform_attn`) as sparse matrix products.
 
     ``spatial_shapes`` and ``level_start_index`` on the CPU (the levels are assumed packed in
-    order, as :func:`ddetr_minimal.ops.checks.check_inputs` ensures); float32 or float64. (N, Lq, M*D)
+    order, as :func:`ddetr_minimal.ops.checks.level_table` checks); float32 or float64. (N, Lq, M*D)
     """
     return _SparseMSDA.apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
